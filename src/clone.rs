@@ -1,0 +1,224 @@
+//! Cloning the primary with pg_basebackup into the staging directory.
+//!
+//! The password reaches pg_basebackup through a 0600 passfile (PGPASSFILE), never
+//! its command line or environment. pg_basebackup runs in its own process group with
+//! a parent-death signal, so that a signal to pgentry, or pgentry's death, stops it
+//! and its WAL-streaming child together.
+
+use crate::config::{Config, Replica};
+use crate::signals::{Interrupted, Shutdown};
+use crate::staging::Staging;
+use crate::standby::{self, write_private};
+use crate::{conninfo, info, warn};
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+/// Seconds pg_basebackup waits for each connection.
+const CONNECT_TIMEOUT: &str = "10";
+/// How often a progress line is logged at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// pg_basebackup's arguments. Pure; the password is not among them.
+pub fn basebackup_args(replica: &Replica, user: &str, target: &std::path::Path) -> Vec<String> {
+    let port = replica.primary_port.to_string();
+    let dbname = conninfo::build(&[
+        ("host", &replica.primary_host),
+        ("port", &port),
+        ("user", user),
+        ("application_name", replica.slot.as_str()),
+        ("connect_timeout", CONNECT_TIMEOUT),
+    ]);
+    vec![
+        "--pgdata".into(),
+        target.to_string_lossy().into_owned(),
+        "--dbname".into(),
+        dbname,
+        "--wal-method=stream".into(),
+        "--checkpoint=fast".into(),
+        "--slot".into(),
+        replica.slot.as_str().into(),
+        "--no-password".into(),
+        "--progress".into(),
+    ]
+}
+
+/// Clones into `staging`, configures the clone as a standby, marks it complete and
+/// moves it into PGDATA.
+pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) -> Result<()> {
+    let staging = Staging::new(&config.pgdata);
+    staging.create()?;
+    let passfile = staging.root().join("pgpass");
+    write_private(&passfile, conninfo::pgpass_line(&config.replication_user, replica.password.expose()).as_bytes())?;
+    let program = crate::pgbin::find(config.pg_bin.as_deref(), "pg_basebackup")?;
+    let target = staging.data_dir();
+    info!(
+        "cloning {}:{} with pg_basebackup (slot {})",
+        replica.primary_host,
+        replica.primary_port,
+        replica.slot.as_str()
+    );
+    let started = Instant::now();
+    let mut command = Command::new(&program);
+    command
+        .args(basebackup_args(replica, &config.replication_user, &target))
+        .env("PGPASSFILE", &passfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    for s in crate::config::SETTINGS.iter().filter(|s| s.secret) {
+        command.env_remove(s.env);
+    }
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc_prctl_pdeathsig() != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().with_context(|| format!("cannot start {}", program.display()))?;
+    let pgid = Pid::from_raw(child.id().unwrap_or_default() as i32);
+    let mut stderr = child.stderr.take().context("pg_basebackup has no stderr")?;
+    let mut progress = Progress::default();
+    let mut buf = [0u8; 4096];
+    let status = loop {
+        tokio::select! {
+            n = stderr.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break child.wait().await?,
+                Ok(n) => progress.feed(&buf[..n]),
+            },
+            s = shutdown.recv() => {
+                stop_group(pgid).await;
+                let _ = child.wait().await;
+                return Err(Interrupted(s).into());
+            }
+        }
+    };
+    progress.finish();
+    if !status.success() {
+        bail!(
+            "pg_basebackup failed ({status}): {}; the next start discards this partial clone and tries again",
+            progress.last_error.as_deref().unwrap_or("no message")
+        );
+    }
+    std::fs::remove_file(&passfile).context("cannot remove the clone's passfile")?;
+    standby::apply(&target, &standby::desired(replica, &config.replication_user, &config.pgdata))?;
+    staging.mark_complete()?;
+    staging.promote()?;
+    info!("clone finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Asks the kernel to SIGKILL the child when pgentry dies, so no pg_basebackup
+/// outlives a kill -9 of pgentry and writes into a directory the next start discards.
+fn libc_prctl_pdeathsig() -> i32 {
+    // PR_SET_PDEATHSIG = 1
+    unsafe { nix::libc::prctl(1, nix::libc::SIGKILL as nix::libc::c_ulong, 0, 0, 0) }
+}
+
+/// SIGTERM to pg_basebackup's process group, SIGKILL if it lingers.
+async fn stop_group(pgid: Pid) {
+    if pgid.as_raw() <= 0 {
+        return;
+    }
+    let _ = killpg(pgid, Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = killpg(pgid, Signal::SIGKILL);
+}
+
+/// Turns pg_basebackup's `\r`-separated progress output into occasional log lines,
+/// and remembers its last other line for the error message.
+#[derive(Default)]
+struct Progress {
+    partial: Vec<u8>,
+    last_logged: Option<Instant>,
+    last_progress: Option<String>,
+    last_error: Option<String>,
+}
+
+impl Progress {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\r' || b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial).trim().to_string();
+                self.partial.clear();
+                self.line(line);
+            } else {
+                self.partial.push(b);
+            }
+        }
+    }
+
+    fn line(&mut self, line: String) {
+        if line.is_empty() {
+            return;
+        }
+        if is_progress(&line) {
+            if self.last_logged.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                info!("pg_basebackup: {line}");
+                self.last_logged = Some(Instant::now());
+                self.last_progress = None;
+            } else {
+                self.last_progress = Some(line);
+            }
+        } else {
+            warn!("{line}");
+            self.last_error = Some(line);
+        }
+    }
+
+    fn finish(&mut self) {
+        let rest = std::mem::take(&mut self.partial);
+        self.line(String::from_utf8_lossy(&rest).trim().to_string());
+        if let Some(line) = self.last_progress.take() {
+            info!("pg_basebackup: {line}");
+        }
+    }
+}
+
+/// pg_basebackup's progress lines look like `1234/5678 kB (21%), 0/1 tablespace`.
+fn is_progress(line: &str) -> bool {
+    line.contains(" kB (") && line.contains("tablespace")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlotName;
+    use crate::secrets::Secret;
+    use std::path::Path;
+
+    #[test]
+    fn arguments_carry_no_password() {
+        let r = Replica {
+            primary_host: "db".into(),
+            primary_port: 5433,
+            slot: SlotName::parse("r1").unwrap(),
+            wait_timeout: None,
+            password: Secret::new("sekrit".into()),
+        };
+        let args = basebackup_args(&r, "rep", Path::new("/d/.s/data"));
+        assert!(!args.iter().any(|a| a.contains("sekrit")));
+        assert!(args.contains(&"--wal-method=stream".to_string()));
+        assert!(args.contains(&"--checkpoint=fast".to_string()));
+        assert!(args.contains(&"--no-password".to_string()));
+        assert_eq!(
+            args[3],
+            "host='db' port='5433' user='rep' application_name='r1' connect_timeout='10'"
+        );
+    }
+
+    #[test]
+    fn recognises_progress_lines() {
+        assert!(is_progress("22862/22862 kB (100%), 1/1 tablespace"));
+        assert!(!is_progress("pg_basebackup: error: could not connect"));
+    }
+}
