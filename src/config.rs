@@ -589,7 +589,11 @@ mod tests {
             ("PGENTRY_MAX_SLOT_WAL_KEEP_SIZE", "10 GB"),
             ("PGENTRY_MONITORING_FUNCTION", "maybe"),
         ] {
-            let err = config(&[(k, v), ("PGENTRY_REPLICATION_PASSWORD", "pw")], None).unwrap_err();
+            let mut env = vec![(k, v), ("PGENTRY_REPLICATION_PASSWORD", "pw")];
+            if matches!(k, "PGENTRY_SLOT" | "PGENTRY_WAIT_TIMEOUT") {
+                env.push(("PGENTRY_PRIMARY_HOST", "db"));
+            }
+            let err = config(&env, None).unwrap_err();
             assert!(err.to_string().starts_with(&format!("{k}=")), "{k}: {err}");
         }
     }
