@@ -15,7 +15,9 @@ pub enum Command {
     /// Prepare PGDATA for the role, then exec postgres with these extra arguments.
     Run(Vec<String>),
     Healthcheck(Probe),
-    Status { json: bool },
+    Status {
+        json: bool,
+    },
     CheckConfig,
     Help,
     Version,
@@ -29,7 +31,9 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
     };
     let no_more = |cmd: Command| match rest.first() {
         None => Ok(cmd),
-        Some(extra) => Err(format!("unexpected argument {extra:?} after {first:?}; see `pgentry --help`")),
+        Some(extra) => Err(format!(
+            "unexpected argument {extra:?} after {first:?}; see `pgentry --help`"
+        )),
     };
     match first {
         "run" => match rest.split_first() {
@@ -44,7 +48,9 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                 "--readiness" => Ok(Command::Healthcheck(Probe::Readiness)),
                 "--liveness" => Ok(Command::Healthcheck(Probe::Liveness)),
                 "--startup" => Ok(Command::Healthcheck(Probe::Startup)),
-                other => Err(format!("unknown healthcheck mode {other:?}; use --readiness, --liveness or --startup")),
+                other => Err(format!(
+                    "unknown healthcheck mode {other:?}; use --readiness, --liveness or --startup"
+                )),
             },
             _ => Err("healthcheck takes one mode at most; see `pgentry --help`".into()),
         },
@@ -99,12 +105,30 @@ mod tests {
     fn commands() {
         assert_eq!(p(&[]), Ok(Command::Run(vec![])));
         assert_eq!(p(&["run"]), Ok(Command::Run(vec![])));
-        assert_eq!(p(&["run", "--", "-c", "a=b"]), Ok(Command::Run(vec!["-c".into(), "a=b".into()])));
-        assert_eq!(p(&["-c", "a=b"]), Ok(Command::Run(vec!["-c".into(), "a=b".into()])));
-        assert_eq!(p(&["postgres", "-c", "a=b"]), Ok(Command::Run(vec!["-c".into(), "a=b".into()])));
-        assert_eq!(p(&["healthcheck"]), Ok(Command::Healthcheck(Probe::Readiness)));
-        assert_eq!(p(&["healthcheck", "--liveness"]), Ok(Command::Healthcheck(Probe::Liveness)));
-        assert_eq!(p(&["healthcheck", "--startup"]), Ok(Command::Healthcheck(Probe::Startup)));
+        assert_eq!(
+            p(&["run", "--", "-c", "a=b"]),
+            Ok(Command::Run(vec!["-c".into(), "a=b".into()]))
+        );
+        assert_eq!(
+            p(&["-c", "a=b"]),
+            Ok(Command::Run(vec!["-c".into(), "a=b".into()]))
+        );
+        assert_eq!(
+            p(&["postgres", "-c", "a=b"]),
+            Ok(Command::Run(vec!["-c".into(), "a=b".into()]))
+        );
+        assert_eq!(
+            p(&["healthcheck"]),
+            Ok(Command::Healthcheck(Probe::Readiness))
+        );
+        assert_eq!(
+            p(&["healthcheck", "--liveness"]),
+            Ok(Command::Healthcheck(Probe::Liveness))
+        );
+        assert_eq!(
+            p(&["healthcheck", "--startup"]),
+            Ok(Command::Healthcheck(Probe::Startup))
+        );
         assert_eq!(p(&["status", "--json"]), Ok(Command::Status { json: true }));
         assert_eq!(p(&["check-config"]), Ok(Command::CheckConfig));
         assert_eq!(p(&["--version"]), Ok(Command::Version));

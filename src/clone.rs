@@ -53,7 +53,10 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
     let staging = Staging::new(&config.pgdata);
     staging.create()?;
     let passfile = staging.root().join("pgpass");
-    write_private(&passfile, conninfo::pgpass_line(&config.replication_user, replica.password.expose()).as_bytes())?;
+    write_private(
+        &passfile,
+        conninfo::pgpass_line(&config.replication_user, replica.password.expose()).as_bytes(),
+    )?;
     let program = crate::pgbin::find(config.pg_bin.as_deref(), "pg_basebackup")?;
     let target = staging.data_dir();
     info!(
@@ -84,17 +87,21 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
             Ok(())
         });
     }
-    let mut child = command.spawn().with_context(|| format!("cannot start {}", program.display()))?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
     let pgid = Pid::from_raw(child.id().unwrap_or_default() as i32);
     let mut stderr = child.stderr.take().context("pg_basebackup has no stderr")?;
     let mut progress = Progress::default();
     let mut buf = [0u8; 4096];
+    let mut stderr_open = true;
     let status = loop {
         tokio::select! {
-            n = stderr.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break child.wait().await?,
+            n = stderr.read(&mut buf), if stderr_open => match n {
+                Ok(0) | Err(_) => stderr_open = false,
                 Ok(n) => progress.feed(&buf[..n]),
             },
+            status = child.wait() => break status?,
             s = shutdown.recv() => {
                 stop_group(pgid).await;
                 let _ = child.wait().await;
@@ -102,6 +109,20 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
             }
         }
     };
+    if !status.success() {
+        // Its WAL-streaming child would hold stderr open and stream on.
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    // The last lines (often the error) may still be in the pipe.
+    let drain = tokio::time::timeout(Duration::from_millis(500), async {
+        while stderr_open {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => stderr_open = false,
+                Ok(n) => progress.feed(&buf[..n]),
+            }
+        }
+    });
+    let _ = drain.await;
     progress.finish();
     if !status.success() {
         bail!(
@@ -110,7 +131,10 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
         );
     }
     std::fs::remove_file(&passfile).context("cannot remove the clone's passfile")?;
-    standby::apply(&target, &standby::desired(replica, &config.replication_user, &config.pgdata))?;
+    standby::apply(
+        &target,
+        &standby::desired(replica, &config.replication_user, &config.pgdata),
+    )?;
     staging.mark_complete()?;
     staging.promote()?;
     info!("clone finished in {:.1} s", started.elapsed().as_secs_f64());
@@ -122,6 +146,64 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
 fn libc_prctl_pdeathsig() -> i32 {
     // PR_SET_PDEATHSIG = 1
     unsafe { nix::libc::prctl(1, nix::libc::SIGKILL as nix::libc::c_ulong, 0, 0, 0) }
+}
+
+/// Kills pg_basebackup processes still writing into `target`: when pgentry is killed
+/// with -9 outside a container, pg_basebackup dies with it (parent-death signal) but
+/// its WAL-streaming child may linger until it notices, and must not write into the
+/// next clone.
+pub fn stop_leftovers(target: &std::path::Path) -> Result<()> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("cannot read /proc")?
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if is_clone_into(&cmdline, target) {
+                found.push(Pid::from_raw(pid));
+            }
+        }
+    }
+    for pid in &found {
+        warn!("stopping pg_basebackup (pid {pid}) left over from an interrupted clone");
+        let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+    }
+    for pid in found {
+        while nix::sys::signal::kill(pid, None).is_ok()
+            && std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        {
+            if std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.is_empty())
+                .unwrap_or(true)
+            {
+                break; // a zombie: its parent is gone too, init reaps it
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a NUL-separated command line is pg_basebackup writing into `target`.
+fn is_clone_into(cmdline: &[u8], target: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let mut args = cmdline.split(|&b| b == 0);
+    let is_basebackup = args.next().is_some_and(|a| a.ends_with(b"pg_basebackup"));
+    let mut args = args.peekable();
+    let mut writes_target = false;
+    while let Some(a) = args.next() {
+        if a == b"--pgdata" && args.peek() == Some(&target.as_os_str().as_bytes()) {
+            writes_target = true;
+        }
+    }
+    is_basebackup && writes_target
 }
 
 /// SIGTERM to pg_basebackup's process group, SIGKILL if it lingers.
@@ -162,16 +244,21 @@ impl Progress {
             return;
         }
         if is_progress(&line) {
-            if self.last_logged.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+            if self
+                .last_logged
+                .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY)
+            {
                 info!("pg_basebackup: {line}");
                 self.last_logged = Some(Instant::now());
                 self.last_progress = None;
             } else {
                 self.last_progress = Some(line);
             }
-        } else {
+        } else if line.contains("error:") || line.contains("warning:") {
             warn!("{line}");
             self.last_error = Some(line);
+        } else {
+            info!("pg_basebackup: {line}");
         }
     }
 
@@ -214,6 +301,23 @@ mod tests {
             args[3],
             "host='db' port='5433' user='rep' application_name='r1' connect_timeout='10'"
         );
+    }
+
+    #[test]
+    fn recognises_leftover_clones() {
+        let t = Path::new("/d/.pgentry-staging/data");
+        assert!(is_clone_into(
+            b"/usr/bin/pg_basebackup\0--pgdata\0/d/.pgentry-staging/data\0--progress\0",
+            t
+        ));
+        assert!(!is_clone_into(
+            b"/usr/bin/pg_basebackup\0--pgdata\0/e/.pgentry-staging/data\0",
+            t
+        ));
+        assert!(!is_clone_into(
+            b"/bin/cat\0--pgdata\0/d/.pgentry-staging/data\0",
+            t
+        ));
     }
 
     #[test]

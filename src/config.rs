@@ -20,43 +20,183 @@ pub struct Setting {
     pub secret: bool,
 }
 
-const fn setting(env: &'static str, key: &'static str, default: &'static str, help: &'static str) -> Setting {
-    Setting { env, key, default, help, secret: false }
+const fn setting(
+    env: &'static str,
+    key: &'static str,
+    default: &'static str,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        env,
+        key,
+        default,
+        help,
+        secret: false,
+    }
 }
 
 const fn secret(env: &'static str, key: &'static str, help: &'static str) -> Setting {
-    Setting { env, key, default: "", help, secret: true }
+    Setting {
+        env,
+        key,
+        default: "",
+        help,
+        secret: true,
+    }
 }
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/pgentry/pgentry.toml";
 
 pub const SETTINGS: &[Setting] = &[
-    setting("PGENTRY_ROLE", "role", "replica if PGENTRY_PRIMARY_HOST is set, else primary", "primary | replica"),
-    setting("PGDATA", "pgdata", "/var/lib/postgresql/data", "the data directory"),
+    setting(
+        "PGENTRY_ROLE",
+        "role",
+        "replica if PGENTRY_PRIMARY_HOST is set, else primary",
+        "primary | replica",
+    ),
+    setting(
+        "PGDATA",
+        "pgdata",
+        "/var/lib/postgresql/data",
+        "the data directory",
+    ),
     setting("PGPORT", "port", "5432", "the port this server listens on"),
-    setting("PGENTRY_SOCKET_DIR", "socket_dir", "/var/run/postgresql", "directory of the server's unix socket"),
-    setting("PGENTRY_PG_BIN", "pg_bin", "found on PATH", "directory of the PostgreSQL 15 binaries"),
-    setting("PGENTRY_LOG_FORMAT", "log_format", "text", "text | json (one object per line)"),
-    setting("PGENTRY_REPLICATION_USER", "replication_user", "replicator", "role replicas connect as"),
-    secret("PGENTRY_REPLICATION_PASSWORD", "replication_password", "its password (required on a replica)"),
-    setting("PGENTRY_PRIMARY_HOST", "primary_host", "", "replica: host of the primary"),
-    setting("PGENTRY_PRIMARY_PORT", "primary_port", "5432", "replica: port of the primary"),
-    setting("PGENTRY_SLOT", "slot", "from the host name", "replica: its physical replication slot"),
-    setting("PGENTRY_WAIT_TIMEOUT", "wait_timeout", "0 (forever)", "replica: seconds to wait for the primary"),
-    setting("POSTGRES_USER", "postgres_user", "postgres", "superuser, as in the official image"),
-    secret("POSTGRES_PASSWORD", "postgres_password", "superuser password (primary: required unless trust)"),
-    setting("POSTGRES_DB", "postgres_db", "$POSTGRES_USER", "primary: database created at first start"),
-    setting("POSTGRES_INITDB_ARGS", "postgres_initdb_args", "", "primary: extra initdb arguments"),
-    setting("POSTGRES_INITDB_WALDIR", "postgres_initdb_waldir", "", "primary: initdb --waldir"),
-    setting("POSTGRES_HOST_AUTH_METHOD", "postgres_host_auth_method", "scram-sha-256", "primary: pg_hba method for `host all all all`"),
-    setting("PGENTRY_SLOTS", "slots", "", "primary: comma-separated physical slots to create"),
-    setting("PGENTRY_REPLICATION_CIDR", "replication_cidr", "all", "primary: addresses allowed to replicate"),
-    setting("PGENTRY_MAX_SLOT_WAL_KEEP_SIZE", "max_slot_wal_keep_size", "10GB", "primary: WAL a slot may retain (-1: no limit)"),
-    setting("PGENTRY_MONITORING_FUNCTION", "monitoring_function", "false", "primary: create pg_replication_status()"),
-    setting("PGENTRY_INITDB_DIR", "initdb_dir", "/docker-entrypoint-initdb.d", "primary: scripts run at first start"),
-    setting("PGENTRY_HEALTH_TIMEOUT", "health_timeout", "3", "healthcheck: seconds for the whole check"),
-    setting("PGENTRY_MAX_LAG_BYTES", "max_lag_bytes", "16777216", "healthcheck: replica lag limit in bytes"),
-    setting("PGENTRY_MAX_LAG_SECONDS", "max_lag_seconds", "", "healthcheck: replica lag limit in seconds"),
+    setting(
+        "PGENTRY_SOCKET_DIR",
+        "socket_dir",
+        "/var/run/postgresql",
+        "directory of the server's unix socket",
+    ),
+    setting(
+        "PGENTRY_PG_BIN",
+        "pg_bin",
+        "found on PATH",
+        "directory of the PostgreSQL 15 binaries",
+    ),
+    setting(
+        "PGENTRY_LOG_FORMAT",
+        "log_format",
+        "text",
+        "text | json (one object per line)",
+    ),
+    setting(
+        "PGENTRY_REPLICATION_USER",
+        "replication_user",
+        "replicator",
+        "role replicas connect as",
+    ),
+    secret(
+        "PGENTRY_REPLICATION_PASSWORD",
+        "replication_password",
+        "its password (required on a replica)",
+    ),
+    setting(
+        "PGENTRY_PRIMARY_HOST",
+        "primary_host",
+        "",
+        "replica: host of the primary",
+    ),
+    setting(
+        "PGENTRY_PRIMARY_PORT",
+        "primary_port",
+        "5432",
+        "replica: port of the primary",
+    ),
+    setting(
+        "PGENTRY_SLOT",
+        "slot",
+        "from the host name",
+        "replica: its physical replication slot",
+    ),
+    setting(
+        "PGENTRY_WAIT_TIMEOUT",
+        "wait_timeout",
+        "0 (forever)",
+        "replica: seconds to wait for the primary",
+    ),
+    setting(
+        "POSTGRES_USER",
+        "postgres_user",
+        "postgres",
+        "superuser, as in the official image",
+    ),
+    secret(
+        "POSTGRES_PASSWORD",
+        "postgres_password",
+        "superuser password (primary: required unless trust)",
+    ),
+    setting(
+        "POSTGRES_DB",
+        "postgres_db",
+        "$POSTGRES_USER",
+        "primary: database created at first start",
+    ),
+    setting(
+        "POSTGRES_INITDB_ARGS",
+        "postgres_initdb_args",
+        "",
+        "primary: extra initdb arguments",
+    ),
+    setting(
+        "POSTGRES_INITDB_WALDIR",
+        "postgres_initdb_waldir",
+        "",
+        "primary: initdb --waldir",
+    ),
+    setting(
+        "POSTGRES_HOST_AUTH_METHOD",
+        "postgres_host_auth_method",
+        "scram-sha-256",
+        "primary: pg_hba method for `host all all all`",
+    ),
+    setting(
+        "PGENTRY_SLOTS",
+        "slots",
+        "",
+        "primary: comma-separated physical slots to create",
+    ),
+    setting(
+        "PGENTRY_REPLICATION_CIDR",
+        "replication_cidr",
+        "all",
+        "primary: addresses allowed to replicate",
+    ),
+    setting(
+        "PGENTRY_MAX_SLOT_WAL_KEEP_SIZE",
+        "max_slot_wal_keep_size",
+        "10GB",
+        "primary: WAL a slot may retain (-1: no limit)",
+    ),
+    setting(
+        "PGENTRY_MONITORING_FUNCTION",
+        "monitoring_function",
+        "false",
+        "primary: create pg_replication_status()",
+    ),
+    setting(
+        "PGENTRY_INITDB_DIR",
+        "initdb_dir",
+        "/docker-entrypoint-initdb.d",
+        "primary: scripts run at first start",
+    ),
+    setting(
+        "PGENTRY_HEALTH_TIMEOUT",
+        "health_timeout",
+        "3",
+        "healthcheck: seconds for the whole check",
+    ),
+    setting(
+        "PGENTRY_MAX_LAG_BYTES",
+        "max_lag_bytes",
+        "16777216",
+        "healthcheck: replica lag limit in bytes",
+    ),
+    setting(
+        "PGENTRY_MAX_LAG_SECONDS",
+        "max_lag_seconds",
+        "",
+        "healthcheck: replica lag limit in seconds",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +213,9 @@ impl SlotName {
     pub fn parse(name: &str) -> Result<SlotName> {
         let valid = !name.is_empty()
             && name.len() <= 63
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !valid {
             bail!("invalid slot name {name:?}: use 1 to 63 lower-case letters, digits or _");
         }
@@ -86,7 +228,13 @@ impl SlotName {
         let mut name: String = host
             .chars()
             .map(|c| c.to_ascii_lowercase())
-            .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(63)
             .collect();
         if name.is_empty() {
@@ -186,16 +334,22 @@ impl Sources {
             None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
         };
         let text = match &path {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read config file {}; fix PGENTRY_CONFIG", p.display()))?,
-            ),
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| {
+                format!(
+                    "cannot read config file {}; fix PGENTRY_CONFIG",
+                    p.display()
+                )
+            })?),
             None => None,
         };
         Sources::new(env, text.as_deref(), path)
     }
 
-    pub fn new(env: BTreeMap<String, String>, toml_text: Option<&str>, file_path: Option<PathBuf>) -> Result<Sources> {
+    pub fn new(
+        env: BTreeMap<String, String>,
+        toml_text: Option<&str>,
+        file_path: Option<PathBuf>,
+    ) -> Result<Sources> {
         let file = match toml_text {
             Some(text) => parse_toml(text).map_err(|e| {
                 let path = file_path.as_deref().unwrap_or(Path::new("config"));
@@ -203,7 +357,11 @@ impl Sources {
             })?,
             None => BTreeMap::new(),
         };
-        Ok(Sources { env, file, file_path })
+        Ok(Sources {
+            env,
+            file,
+            file_path,
+        })
     }
 
     fn get(&self, s: &Setting) -> Option<(&str, Origin)> {
@@ -225,7 +383,10 @@ impl Sources {
             ((Some(_), Some(_)), _) => bail!("both {} and {env_file} are set; set only one", s.env),
             ((Some(v), None), _) => Some((SecretSource::Inline(v), Origin::Env)),
             ((None, Some(p)), _) => Some((SecretSource::File(p), Origin::Env)),
-            (_, (Some(_), Some(_))) => bail!("both {} and {key_file} are set in the config file; set only one", s.key),
+            (_, (Some(_), Some(_))) => bail!(
+                "both {} and {key_file} are set in the config file; set only one",
+                s.key
+            ),
             (_, (Some(v), None)) => Some((SecretSource::Inline(v), Origin::File)),
             (_, (None, Some(p))) => Some((SecretSource::File(p), Origin::File)),
             (_, (None, None)) => None,
@@ -235,10 +396,14 @@ impl Sources {
 
 /// Parses the TOML file into key → text, rejecting unknown keys with their position.
 fn parse_toml(text: &str) -> Result<BTreeMap<String, String>> {
-    let table: BTreeMap<toml::Spanned<String>, toml::Value> = toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        anyhow!("invalid TOML at line {line}, column {col}: {}", e.message().replace('\n', " "))
-    })?;
+    let table: BTreeMap<toml::Spanned<String>, toml::Value> =
+        toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            anyhow!(
+                "invalid TOML at line {line}, column {col}: {}",
+                e.message().replace('\n', " ")
+            )
+        })?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
         let name = key.get_ref();
@@ -272,7 +437,10 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 fn find(env: &str) -> &'static Setting {
-    SETTINGS.iter().find(|s| s.env == env).expect("setting is listed in SETTINGS")
+    SETTINGS
+        .iter()
+        .find(|s| s.env == env)
+        .expect("setting is listed in SETTINGS")
 }
 
 /// Reads one setting, parsed by `parse`, with the name in any error.
@@ -293,7 +461,9 @@ fn text(src: &Sources, env: &str) -> Option<String> {
 
 fn load_secret(src: &Sources, env: &str) -> Result<Option<Secret>> {
     let s = find(env);
-    src.secret(s)?.map(|(source, _)| secrets::load(s.env, source)).transpose()
+    src.secret(s)?
+        .map(|(source, _)| secrets::load(s.env, source))
+        .transpose()
 }
 
 fn parse_port(v: &str) -> Result<u16> {
@@ -375,7 +545,8 @@ impl Config {
             None => Role::Primary,
         };
         let replication_password = load_secret(src, "PGENTRY_REPLICATION_PASSWORD")?;
-        let superuser = value(src, "POSTGRES_USER", parse_identifier)?.unwrap_or_else(|| "postgres".into());
+        let superuser =
+            value(src, "POSTGRES_USER", parse_identifier)?.unwrap_or_else(|| "postgres".into());
         let role_config = match role {
             Role::Replica => {
                 let primary_host = primary_host.ok_or_else(|| {
@@ -410,15 +581,22 @@ impl Config {
                 };
                 RoleConfig::Primary(Primary {
                     db: text(src, "POSTGRES_DB").unwrap_or_else(|| superuser.clone()),
-                    initdb_args: value(src, "POSTGRES_INITDB_ARGS", split_args)?.unwrap_or_default(),
+                    initdb_args: value(src, "POSTGRES_INITDB_ARGS", split_args)?
+                        .unwrap_or_default(),
                     initdb_waldir: text(src, "POSTGRES_INITDB_WALDIR").map(PathBuf::from),
                     host_auth_method: text(src, "POSTGRES_HOST_AUTH_METHOD")
                         .unwrap_or_else(|| "scram-sha-256".into()),
                     slots,
-                    replication_cidr: text(src, "PGENTRY_REPLICATION_CIDR").unwrap_or_else(|| "all".into()),
-                    max_slot_wal_keep_size: value(src, "PGENTRY_MAX_SLOT_WAL_KEEP_SIZE", parse_size)?
-                        .unwrap_or_else(|| "10GB".into()),
-                    monitoring_function: value(src, "PGENTRY_MONITORING_FUNCTION", parse_bool)?.unwrap_or(false),
+                    replication_cidr: text(src, "PGENTRY_REPLICATION_CIDR")
+                        .unwrap_or_else(|| "all".into()),
+                    max_slot_wal_keep_size: value(
+                        src,
+                        "PGENTRY_MAX_SLOT_WAL_KEEP_SIZE",
+                        parse_size,
+                    )?
+                    .unwrap_or_else(|| "10GB".into()),
+                    monitoring_function: value(src, "PGENTRY_MONITORING_FUNCTION", parse_bool)?
+                        .unwrap_or(false),
                     initdb_dir: text(src, "PGENTRY_INITDB_DIR")
                         .map(PathBuf::from)
                         .unwrap_or_else(|| PathBuf::from("/docker-entrypoint-initdb.d")),
@@ -448,7 +626,9 @@ impl Config {
             superuser,
             superuser_password: load_secret(src, "POSTGRES_PASSWORD")?,
             health: Health {
-                timeout: Duration::from_secs_f64(value(src, "PGENTRY_HEALTH_TIMEOUT", parse_seconds)?.unwrap_or(3.0)),
+                timeout: Duration::from_secs_f64(
+                    value(src, "PGENTRY_HEALTH_TIMEOUT", parse_seconds)?.unwrap_or(3.0),
+                ),
                 max_lag_bytes: value(src, "PGENTRY_MAX_LAG_BYTES", |v| Ok(v.parse::<u64>()?))?
                     .unwrap_or(16 * 1024 * 1024),
                 max_lag_seconds: value(src, "PGENTRY_MAX_LAG_SECONDS", parse_seconds)?,
@@ -496,8 +676,16 @@ impl Config {
 pub fn help_table() -> String {
     let mut out = String::new();
     for s in SETTINGS {
-        let name = if s.secret { format!("{}[_FILE]", s.env) } else { s.env.to_string() };
-        let default = if s.default.is_empty() { String::new() } else { format!(" [default: {}]", s.default) };
+        let name = if s.secret {
+            format!("{}[_FILE]", s.env)
+        } else {
+            s.env.to_string()
+        };
+        let default = if s.default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {}]", s.default)
+        };
         let _ = writeln!(out, "  {name:<34} {}{default}", s.help);
     }
     out
@@ -508,7 +696,10 @@ mod tests {
     use super::*;
 
     fn sources(env: &[(&str, &str)], toml: Option<&str>) -> Result<Sources> {
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Sources::new(env, toml, None)
     }
 
@@ -527,8 +718,17 @@ mod tests {
 
     #[test]
     fn a_primary_host_makes_a_replica() {
-        let c = config(&[("PGENTRY_PRIMARY_HOST", "db"), ("PGENTRY_REPLICATION_PASSWORD", "pw")], None).unwrap();
-        let RoleConfig::Replica(r) = c.role else { panic!("not a replica") };
+        let c = config(
+            &[
+                ("PGENTRY_PRIMARY_HOST", "db"),
+                ("PGENTRY_REPLICATION_PASSWORD", "pw"),
+            ],
+            None,
+        )
+        .unwrap();
+        let RoleConfig::Replica(r) = c.role else {
+            panic!("not a replica")
+        };
         assert_eq!(r.primary_host, "db");
         assert_eq!(r.primary_port, 5432);
         assert_eq!(r.slot.as_str(), "replica_1_example");
@@ -538,7 +738,11 @@ mod tests {
 
     #[test]
     fn role_and_host_must_agree() {
-        let err = config(&[("PGENTRY_ROLE", "primary"), ("PGENTRY_PRIMARY_HOST", "db")], None).unwrap_err();
+        let err = config(
+            &[("PGENTRY_ROLE", "primary"), ("PGENTRY_PRIMARY_HOST", "db")],
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("conflicts"), "{err}");
         let err = config(&[("PGENTRY_ROLE", "replica")], None).unwrap_err();
         assert!(err.to_string().contains("PGENTRY_PRIMARY_HOST"), "{err}");
@@ -549,18 +753,33 @@ mod tests {
     #[test]
     fn a_replica_needs_a_password() {
         let err = config(&[("PGENTRY_PRIMARY_HOST", "db")], None).unwrap_err();
-        assert!(err.to_string().contains("PGENTRY_REPLICATION_PASSWORD_FILE"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("PGENTRY_REPLICATION_PASSWORD_FILE"),
+            "{err}"
+        );
     }
 
     #[test]
     fn secret_and_secret_file_together_is_an_error() {
-        let err = config(&[("POSTGRES_PASSWORD", "a"), ("POSTGRES_PASSWORD_FILE", "/x")], None).unwrap_err();
-        assert_eq!(err.to_string(), "both POSTGRES_PASSWORD and POSTGRES_PASSWORD_FILE are set; set only one");
+        let err = config(
+            &[("POSTGRES_PASSWORD", "a"), ("POSTGRES_PASSWORD_FILE", "/x")],
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "both POSTGRES_PASSWORD and POSTGRES_PASSWORD_FILE are set; set only one"
+        );
     }
 
     #[test]
     fn env_overrides_the_file() {
-        let c = config(&[("PGPORT", "6000")], Some("port = 5999\npgdata = \"/d\"\n")).unwrap();
+        let c = config(
+            &[("PGPORT", "6000")],
+            Some("port = 5999\npgdata = \"/d\"\n"),
+        )
+        .unwrap();
         assert_eq!(c.port, 6000);
         assert_eq!(c.pgdata, PathBuf::from("/d"));
     }
@@ -568,7 +787,11 @@ mod tests {
     #[test]
     fn unknown_keys_report_line_and_column() {
         let err = sources(&[], Some("port = 1\n  prot = 2\n")).err().unwrap();
-        assert!(err.to_string().contains("unknown key \"prot\" at line 2, column 3"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown key \"prot\" at line 2, column 3"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -608,7 +831,9 @@ mod tests {
     #[test]
     fn slots_list_is_parsed() {
         let c = config(&[("PGENTRY_SLOTS", "a, b ,,c")], None).unwrap();
-        let RoleConfig::Primary(p) = c.role else { panic!() };
+        let RoleConfig::Primary(p) = c.role else {
+            panic!()
+        };
         let names: Vec<_> = p.slots.iter().map(SlotName::as_str).collect();
         assert_eq!(names, ["a", "b", "c"]);
     }
@@ -624,14 +849,24 @@ mod tests {
 
     #[test]
     fn describe_redacts_secrets() {
-        let src = sources(&[("POSTGRES_PASSWORD", "sekrit"), ("PGENTRY_REPLICATION_PASSWORD_FILE", "/run/s")], None).unwrap();
+        let src = sources(
+            &[
+                ("POSTGRES_PASSWORD", "sekrit"),
+                ("PGENTRY_REPLICATION_PASSWORD_FILE", "/run/s"),
+            ],
+            None,
+        )
+        .unwrap();
         let c = Config::from_sources(&src, "h");
         // The replication file does not exist, so loading fails; describe a config without it.
         assert!(c.is_err());
         let src = sources(&[("POSTGRES_PASSWORD", "sekrit")], None).unwrap();
         let text = Config::from_sources(&src, "h").unwrap().describe(&src);
         assert!(!text.contains("sekrit"));
-        assert!(text.contains("POSTGRES_PASSWORD                <redacted>"), "{text}");
+        assert!(
+            text.contains("POSTGRES_PASSWORD                <redacted>"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -8,7 +8,12 @@ use std::path::Path;
 
 /// postgres' argument vector: data directory, port and socket directory from the
 /// configuration, then the user's extra arguments (which may override them).
-pub fn postgres_args(pgdata: &Path, port: u16, socket_dir: &Path, extra: &[String]) -> Vec<OsString> {
+pub fn postgres_args(
+    pgdata: &Path,
+    port: u16,
+    socket_dir: &Path,
+    extra: &[String],
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "postgres".into(),
         "-D".into(),
@@ -25,7 +30,10 @@ pub fn postgres_args(pgdata: &Path, port: u16, socket_dir: &Path, extra: &[Strin
 /// The environment postgres inherits: pgentry's, without inline secrets (the
 /// `NAME` forms; `NAME_FILE` paths are harmless), which postgres does not need and
 /// which would otherwise sit in /proc/<pid>/environ for the life of the server.
-pub fn scrubbed_env(vars: impl Iterator<Item = (OsString, OsString)>, secret_names: &[&str]) -> Vec<(OsString, OsString)> {
+pub fn scrubbed_env(
+    vars: impl Iterator<Item = (OsString, OsString)>,
+    secret_names: &[&str],
+) -> Vec<(OsString, OsString)> {
     vars.filter(|(k, _)| !secret_names.iter().any(|s| k.as_bytes() == s.as_bytes()))
         .collect()
 }
@@ -35,12 +43,16 @@ pub fn exec(program: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> 
     let result: Result<()> = (|| {
         let c = |s: &[u8]| CString::new(s).context("argument contains a NUL byte");
         let path = c(program.as_os_str().as_bytes())?;
-        let argv = args.iter().map(|a| c(a.as_bytes())).collect::<Result<Vec<_>>>()?;
+        let argv = args
+            .iter()
+            .map(|a| c(a.as_bytes()))
+            .collect::<Result<Vec<_>>>()?;
         let envp = env
             .iter()
             .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
             .collect::<Result<Vec<_>>>()?;
-        nix::unistd::execve(&path, &argv, &envp).with_context(|| format!("cannot execute {}", program.display()))?;
+        nix::unistd::execve(&path, &argv, &envp)
+            .with_context(|| format!("cannot execute {}", program.display()))?;
         Ok(())
     })();
     match result {
@@ -56,9 +68,19 @@ pub fn exec_postgres(config: &crate::config::Config, extra: &[String]) -> anyhow
         Err(e) => return e,
     };
     let args = postgres_args(&config.pgdata, config.port, &config.socket_dir, extra);
-    let secrets: Vec<&str> = crate::config::SETTINGS.iter().filter(|s| s.secret).map(|s| s.env).collect();
+    let secrets: Vec<&str> = crate::config::SETTINGS
+        .iter()
+        .filter(|s| s.secret)
+        .map(|s| s.env)
+        .collect();
     let env = scrubbed_env(std::env::vars_os(), &secrets);
-    crate::info!("starting postgres: {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    crate::info!(
+        "starting postgres: {}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     exec(&program, &args, &env)
 }
 
@@ -68,14 +90,26 @@ mod tests {
 
     #[test]
     fn args_put_extras_last() {
-        let args = postgres_args(Path::new("/d"), 5433, Path::new("/s"), &["-c".into(), "x=1".into()]);
-        assert_eq!(args, ["postgres", "-D", "/d", "-p", "5433", "-k", "/s", "-c", "x=1"].map(OsString::from));
+        let args = postgres_args(
+            Path::new("/d"),
+            5433,
+            Path::new("/s"),
+            &["-c".into(), "x=1".into()],
+        );
+        assert_eq!(
+            args,
+            ["postgres", "-D", "/d", "-p", "5433", "-k", "/s", "-c", "x=1"].map(OsString::from)
+        );
     }
 
     #[test]
     fn inline_secrets_are_scrubbed() {
-        let vars = [("A", "1"), ("POSTGRES_PASSWORD", "x"), ("POSTGRES_PASSWORD_FILE", "/f")]
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let vars = [
+            ("A", "1"),
+            ("POSTGRES_PASSWORD", "x"),
+            ("POSTGRES_PASSWORD_FILE", "/f"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         let env = scrubbed_env(vars.into_iter(), &["POSTGRES_PASSWORD"]);
         let keys: Vec<_> = env.iter().map(|(k, _)| k.to_str().unwrap()).collect();
         assert_eq!(keys, ["A", "POSTGRES_PASSWORD_FILE"]);

@@ -125,7 +125,10 @@ mod tests {
     fn formats_utc_timestamps() {
         assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_millis(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339_millis(1_795_716_170_999), "2026-11-26T18:02:50.999Z");
+        assert_eq!(
+            rfc3339_millis(1_795_716_170_999),
+            "2026-11-26T18:02:50.999Z"
+        );
     }
 
     #[test]

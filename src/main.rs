@@ -24,8 +24,14 @@ use cli::Command;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args: Result<Vec<String>, _> = std::env::args_os().skip(1).map(|a| a.into_string()).collect();
-    let command = match args.map_err(|_| "arguments must be UTF-8".to_string()).and_then(|a| cli::parse(&a)) {
+    let args: Result<Vec<String>, _> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string())
+        .collect();
+    let command = match args
+        .map_err(|_| "arguments must be UTF-8".to_string())
+        .and_then(|a| cli::parse(&a))
+    {
         Ok(c) => c,
         Err(message) => {
             log::emit(log::Level::Error, &message);
@@ -35,7 +41,9 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run(extra) => run::run(&extra),
         Command::CheckConfig => run::check_config(),
-        Command::Healthcheck(_) | Command::Status { .. } => Err(anyhow::anyhow!("not implemented yet")),
+        Command::Healthcheck(_) | Command::Status { .. } => {
+            Err(anyhow::anyhow!("not implemented yet"))
+        }
         Command::Help => {
             print!("{}", cli::help());
             Ok(())

@@ -162,14 +162,19 @@ fn classify(facts: &Facts) -> Result<Content, Refusal> {
 /// The replica's decision. `primary_system` is the primary's system identifier when
 /// it answered; a standby of another system is refused, but a standby whose primary
 /// is down is started (a hot standby keeps serving reads).
-pub fn decide_replica(facts: &Facts, primary_system: Option<u64>) -> Result<ReplicaAction, Refusal> {
+pub fn decide_replica(
+    facts: &Facts,
+    primary_system: Option<u64>,
+) -> Result<ReplicaAction, Refusal> {
     match classify(facts)? {
         Content::Nothing => Ok(ReplicaAction::Clone),
         Content::InterruptedBuild => Ok(ReplicaAction::DiscardAndClone),
         Content::FinishedBuild => Ok(ReplicaAction::FinishStaging),
         Content::Cluster => Err(Refusal::FormerPrimary),
         Content::Standby => match (facts.system_identifier, primary_system) {
-            (Some(local), Some(primary)) if local != primary => Err(Refusal::OtherSystem { local, primary }),
+            (Some(local), Some(primary)) if local != primary => {
+                Err(Refusal::OtherSystem { local, primary })
+            }
             _ => Ok(ReplicaAction::Start),
         },
     }
@@ -197,7 +202,10 @@ pub fn inspect(pgdata: &Path) -> io::Result<Facts> {
     let dir = match std::fs::read_dir(pgdata) {
         Ok(dir) => dir,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Facts { exists: false, ..Facts::empty() })
+            return Ok(Facts {
+                exists: false,
+                ..Facts::empty()
+            })
         }
         Err(e) => return Err(e),
     };
@@ -219,7 +227,8 @@ pub fn inspect(pgdata: &Path) -> io::Result<Facts> {
     };
     let version = read_optional(&pgdata.join("PG_VERSION"))?
         .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
-    let system_identifier = read_optional(&pgdata.join("global/pg_control"))?.and_then(|b| system_identifier(&b));
+    let system_identifier =
+        read_optional(&pgdata.join("global/pg_control"))?.and_then(|b| system_identifier(&b));
     Ok(Facts {
         exists: true,
         standby_signal: entries.iter().any(|e| e == "standby.signal"),
@@ -269,9 +278,15 @@ mod tests {
 
     #[test]
     fn replica_decisions() {
-        let missing = Facts { exists: false, ..Facts::empty() };
+        let missing = Facts {
+            exists: false,
+            ..Facts::empty()
+        };
         assert_eq!(decide_replica(&missing, None), Ok(ReplicaAction::Clone));
-        assert_eq!(decide_replica(&Facts::empty(), Some(1)), Ok(ReplicaAction::Clone));
+        assert_eq!(
+            decide_replica(&Facts::empty(), Some(1)),
+            Ok(ReplicaAction::Clone)
+        );
         assert_eq!(
             decide_replica(&with_staging(Facts::empty(), Staging::Incomplete), None),
             Ok(ReplicaAction::DiscardAndClone)
@@ -279,20 +294,41 @@ mod tests {
         // A finished build part-way through its move: some entries already moved.
         let mut part = with_staging(Facts::empty(), Staging::Complete);
         part.entries = vec!["base".into()];
-        assert_eq!(decide_replica(&part, None), Ok(ReplicaAction::FinishStaging));
-        assert_eq!(decide_replica(&cluster(true), None), Ok(ReplicaAction::Start));
-        assert_eq!(decide_replica(&cluster(true), Some(42)), Ok(ReplicaAction::Start));
+        assert_eq!(
+            decide_replica(&part, None),
+            Ok(ReplicaAction::FinishStaging)
+        );
+        assert_eq!(
+            decide_replica(&cluster(true), None),
+            Ok(ReplicaAction::Start)
+        );
+        assert_eq!(
+            decide_replica(&cluster(true), Some(42)),
+            Ok(ReplicaAction::Start)
+        );
     }
 
     #[test]
     fn replica_refusals() {
         assert_eq!(
             decide_replica(&cluster(true), Some(7)),
-            Err(Refusal::OtherSystem { local: 42, primary: 7 })
+            Err(Refusal::OtherSystem {
+                local: 42,
+                primary: 7
+            })
         );
-        assert_eq!(decide_replica(&cluster(false), Some(42)), Err(Refusal::FormerPrimary));
-        let foreign = Facts { entries: vec!["notes.txt".into()], ..Facts::empty() };
-        assert_eq!(decide_replica(&foreign, None), Err(Refusal::ForeignFiles(vec!["notes.txt".into()])));
+        assert_eq!(
+            decide_replica(&cluster(false), Some(42)),
+            Err(Refusal::FormerPrimary)
+        );
+        let foreign = Facts {
+            entries: vec!["notes.txt".into()],
+            ..Facts::empty()
+        };
+        assert_eq!(
+            decide_replica(&foreign, None),
+            Err(Refusal::ForeignFiles(vec!["notes.txt".into()]))
+        );
         let mixed = with_staging(foreign, Staging::Incomplete);
         assert_eq!(
             decide_replica(&mixed, None),
@@ -300,7 +336,10 @@ mod tests {
         );
         let mut old = cluster(true);
         old.version = Some("14".into());
-        assert_eq!(decide_replica(&old, None), Err(Refusal::OtherVersion("14".into())));
+        assert_eq!(
+            decide_replica(&old, None),
+            Err(Refusal::OtherVersion("14".into()))
+        );
         let mut torn = cluster(true);
         torn.system_identifier = None;
         assert_eq!(decide_replica(&torn, None), Err(Refusal::IncompleteCluster));
@@ -319,8 +358,14 @@ mod tests {
         );
         assert_eq!(decide_primary(&cluster(false)), Ok(PrimaryAction::Adopt));
         assert_eq!(decide_primary(&cluster(true)), Err(Refusal::IsStandby));
-        let foreign = Facts { entries: vec!["lost+found".into()], ..Facts::empty() };
-        assert!(matches!(decide_primary(&foreign), Err(Refusal::ForeignFiles(_))));
+        let foreign = Facts {
+            entries: vec!["lost+found".into()],
+            ..Facts::empty()
+        };
+        assert!(matches!(
+            decide_primary(&foreign),
+            Err(Refusal::ForeignFiles(_))
+        ));
     }
 
     #[test]
@@ -337,7 +382,10 @@ mod tests {
             Refusal::OtherVersion("14".into()),
             Refusal::IncompleteCluster,
             Refusal::FormerPrimary,
-            Refusal::OtherSystem { local: 1, primary: 2 },
+            Refusal::OtherSystem {
+                local: 1,
+                primary: 2,
+            },
             Refusal::IsStandby,
             Refusal::StagingWithForeignFiles(vec!["x".into()]),
         ];

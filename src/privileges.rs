@@ -40,8 +40,9 @@ pub fn parse_passwd(content: &str, name: &str) -> Option<Account> {
 
 pub fn postgres_account() -> Result<Account> {
     let passwd = fs::read_to_string("/etc/passwd").context("cannot read /etc/passwd")?;
-    parse_passwd(&passwd, POSTGRES_USER)
-        .ok_or_else(|| anyhow!("no user {POSTGRES_USER:?} in /etc/passwd; run pgentry in a PostgreSQL image"))
+    parse_passwd(&passwd, POSTGRES_USER).ok_or_else(|| {
+        anyhow!("no user {POSTGRES_USER:?} in /etc/passwd; run pgentry in a PostgreSQL image")
+    })
 }
 
 /// Who pgentry runs as, relative to the postgres account.
@@ -104,8 +105,12 @@ fn prepare_dir(dir: &Path, account: &Account, mode: u32) -> Result<()> {
     create_dir(dir, mode)?;
     let meta = fs::metadata(dir).with_context(|| format!("cannot stat {}", dir.display()))?;
     if meta.uid() != account.uid {
-        chown(dir, Some(Uid::from_raw(account.uid)), Some(Gid::from_raw(account.gid)))
-            .with_context(|| format!("cannot give {} to the postgres user", dir.display()))?;
+        chown(
+            dir,
+            Some(Uid::from_raw(account.uid)),
+            Some(Gid::from_raw(account.gid)),
+        )
+        .with_context(|| format!("cannot give {} to the postgres user", dir.display()))?;
     }
     let current = meta.permissions().mode() & 0o7777;
     // postgres accepts 0700 and 0750 for PGDATA: an owner's choice of either stays.
@@ -143,9 +148,19 @@ mod tests {
     #[test]
     fn finds_the_exact_user() {
         let a = parse_passwd(PASSWD, "postgres").unwrap();
-        assert_eq!(a, Account { uid: 70, gid: 70, home: "/var/lib/postgresql".into() });
+        assert_eq!(
+            a,
+            Account {
+                uid: 70,
+                gid: 70,
+                home: "/var/lib/postgresql".into()
+            }
+        );
         assert_eq!(parse_passwd(PASSWD, "nobody"), None);
-        assert_eq!(parse_passwd("postgres:x:bad:70::/:/bin/sh", "postgres"), None);
+        assert_eq!(
+            parse_passwd("postgres:x:bad:70::/:/bin/sh", "postgres"),
+            None
+        );
     }
 
     #[test]

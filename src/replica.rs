@@ -17,13 +17,21 @@ const PROBE_LIMIT: Duration = Duration::from_millis(500);
 
 pub async fn prepare(config: &Config, replica: &Replica, shutdown: &mut Shutdown) -> Result<()> {
     let upstream = Upstream {
-        endpoint: Endpoint::Tcp { host: replica.primary_host.clone(), port: replica.primary_port },
+        endpoint: Endpoint::Tcp {
+            host: replica.primary_host.clone(),
+            port: replica.primary_port,
+        },
         user: &config.replication_user,
         password: &replica.password,
         application_name: replica.slot.as_str(),
     };
-    let facts = pgdata::inspect(&config.pgdata).with_context(|| format!("cannot inspect PGDATA {}", config.pgdata.display()))?;
-    let primary_system = if pgdata::is_standby(&facts) { upstream.probe(PROBE_LIMIT).await } else { None };
+    let facts = pgdata::inspect(&config.pgdata)
+        .with_context(|| format!("cannot inspect PGDATA {}", config.pgdata.display()))?;
+    let primary_system = if pgdata::is_standby(&facts) {
+        upstream.probe(PROBE_LIMIT).await
+    } else {
+        None
+    };
     let action = pgdata::decide_replica(&facts, primary_system)?;
     let staging = Staging::new(&config.pgdata);
     match action {
@@ -35,10 +43,14 @@ pub async fn prepare(config: &Config, replica: &Replica, shutdown: &mut Shutdown
         ReplicaAction::Clone | ReplicaAction::DiscardAndClone => {
             if action == ReplicaAction::DiscardAndClone {
                 info!("discarding an interrupted clone");
+                clone::stop_leftovers(&staging.data_dir())?;
                 staging.discard()?;
             }
             let (mut conn, system) = upstream.wait(replica.wait_timeout, shutdown).await?;
-            info!("primary {} is database system {} on timeline {}", upstream.endpoint, system.system_identifier, system.timeline);
+            info!(
+                "primary {} is database system {} on timeline {}",
+                upstream.endpoint, system.system_identifier, system.timeline
+            );
             upstream::ensure_slot(&mut conn, replica.slot.as_str()).await?;
             conn.close().await;
             clone::clone(config, replica, shutdown).await?;
@@ -46,7 +58,10 @@ pub async fn prepare(config: &Config, replica: &Replica, shutdown: &mut Shutdown
     }
     let desired = standby::desired(replica, &config.replication_user, &config.pgdata);
     if standby::apply(&config.pgdata, &desired)? && action == ReplicaAction::Start {
-        info!("updated the standby's connection settings for primary {}", upstream.endpoint);
+        info!(
+            "updated the standby's connection settings for primary {}",
+            upstream.endpoint
+        );
     }
     Ok(())
 }

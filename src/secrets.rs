@@ -54,10 +54,14 @@ pub fn load(name: &str, source: SecretSource<'_>) -> anyhow::Result<Secret> {
         SecretSource::Inline(value) => Ok(Secret::new(value.to_string())),
         SecretSource::File(path) => {
             let content = std::fs::read(Path::new(path)).map_err(|e| {
-                anyhow::anyhow!("cannot read {name}_FILE={path}: {e}; mount the secret there or fix the path")
+                anyhow::anyhow!(
+                    "cannot read {name}_FILE={path}: {e}; mount the secret there or fix the path"
+                )
             })?;
             let content = String::from_utf8(content).map_err(|_| {
-                anyhow::anyhow!("{name}_FILE={path} is not valid UTF-8; store the secret as UTF-8 text")
+                anyhow::anyhow!(
+                    "{name}_FILE={path} is not valid UTF-8; store the secret as UTF-8 text"
+                )
             })?;
             Ok(Secret::new(strip_one_newline(&content).to_string()))
         }

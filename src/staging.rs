@@ -52,9 +52,12 @@ impl Staging {
     /// Removes an interrupted build. Only ever called on our own staging directory.
     pub fn discard(&self) -> Result<()> {
         match fs::remove_dir_all(&self.root) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("cannot remove the interrupted build {}", self.root.display()))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| {
+                format!(
+                    "cannot remove the interrupted build {}",
+                    self.root.display()
+                )
+            }),
             _ => Ok(()),
         }
     }
@@ -63,7 +66,8 @@ impl Staging {
     /// instead of starting over.
     pub fn mark_complete(&self) -> Result<()> {
         let marker = self.root.join(COMPLETE_MARKER);
-        let file = fs::File::create(&marker).with_context(|| format!("cannot write {}", marker.display()))?;
+        let file = fs::File::create(&marker)
+            .with_context(|| format!("cannot write {}", marker.display()))?;
         file.sync_all()?;
         sync_dir(&self.root)
     }
@@ -73,7 +77,9 @@ impl Staging {
     pub fn promote(&self) -> Result<()> {
         let data = self.data_dir();
         if data.exists() {
-            for entry in fs::read_dir(&data).with_context(|| format!("cannot read {}", data.display()))? {
+            for entry in
+                fs::read_dir(&data).with_context(|| format!("cannot read {}", data.display()))?
+            {
                 let name = entry?.file_name();
                 let target = self.pgdata.join(&name);
                 if target.symlink_metadata().is_ok() {
@@ -83,13 +89,15 @@ impl Staging {
                         data.display()
                     );
                 }
-                fs::rename(data.join(&name), &target)
-                    .with_context(|| format!("cannot move {} into PGDATA", name.to_string_lossy()))?;
+                fs::rename(data.join(&name), &target).with_context(|| {
+                    format!("cannot move {} into PGDATA", name.to_string_lossy())
+                })?;
             }
             sync_dir(&self.pgdata)?;
             fs::remove_dir(&data).with_context(|| format!("cannot remove {}", data.display()))?;
         }
-        fs::remove_dir_all(&self.root).with_context(|| format!("cannot remove {}", self.root.display()))?;
+        fs::remove_dir_all(&self.root)
+            .with_context(|| format!("cannot remove {}", self.root.display()))?;
         sync_dir(&self.pgdata)
     }
 }
@@ -107,7 +115,8 @@ mod tests {
     use crate::pgdata::{inspect, Staging as State};
 
     fn temp_pgdata(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("pgentry-staging-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("pgentry-staging-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -144,7 +153,10 @@ mod tests {
         fs::write(pgdata.join("PG_VERSION"), "mine").unwrap();
         staging.mark_complete().unwrap();
         assert!(staging.promote().is_err());
-        assert_eq!(fs::read_to_string(pgdata.join("PG_VERSION")).unwrap(), "mine");
+        assert_eq!(
+            fs::read_to_string(pgdata.join("PG_VERSION")).unwrap(),
+            "mine"
+        );
         fs::remove_dir_all(&pgdata).unwrap();
     }
 }

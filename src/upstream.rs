@@ -46,7 +46,10 @@ pub fn classify(error: &wire::Error) -> Verdict {
         wire::Error::Server(e) if e.is_auth_failure() => Verdict::Fatal(e.message.clone()),
         // 57P03 starting up or shutting down, 53300 too many connections or WAL
         // senders, 08xxx connection trouble, 57P01 admin shutdown: all pass.
-        wire::Error::Server(e) if ["57P03", "53300", "57P01"].contains(&e.code.as_str()) || e.code.starts_with("08") => {
+        wire::Error::Server(e)
+            if ["57P03", "53300", "57P01"].contains(&e.code.as_str())
+                || e.code.starts_with("08") =>
+        {
             Verdict::Retry(e.message.clone())
         }
         wire::Error::Server(e) => Verdict::Fatal(format!("{} (SQLSTATE {})", e.message, e.code)),
@@ -86,18 +89,23 @@ impl Upstream<'_> {
     async fn attempt(&self) -> Result<(Connection, SystemInfo), wire::Error> {
         let mut conn = self.connect().await?;
         let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or_else(|| wire::Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| wire::Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let info = SystemInfo {
-            system_identifier: field(0)
-                .parse()
-                .map_err(|_| wire::Error::Protocol("IDENTIFY_SYSTEM: bad system identifier".into()))?,
+            system_identifier: field(0).parse().map_err(|_| {
+                wire::Error::Protocol("IDENTIFY_SYSTEM: bad system identifier".into())
+            })?,
             timeline: field(1).parse().unwrap_or(0),
         };
         Ok((conn, info))
     }
 
-    async fn bounded_attempt(&self, limit: Duration) -> Result<(Connection, SystemInfo), wire::Error> {
+    async fn bounded_attempt(
+        &self,
+        limit: Duration,
+    ) -> Result<(Connection, SystemInfo), wire::Error> {
         match timeout(limit, self.attempt()).await {
             Ok(result) => result,
             Err(_) => Err(wire::Error::Connect(std::io::Error::new(
@@ -109,13 +117,20 @@ impl Upstream<'_> {
 
     /// Waits until the primary answers, logging each change of state once. Gives up
     /// at `deadline` (None: never) or on a fatal answer; ends early on a signal.
-    pub async fn wait(&self, wait_timeout: Option<Duration>, shutdown: &mut Shutdown) -> Result<(Connection, SystemInfo)> {
+    pub async fn wait(
+        &self,
+        wait_timeout: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Result<(Connection, SystemInfo)> {
         let started = Instant::now();
         let deadline = wait_timeout.map(|t| started + t);
         let mut backoff = FIRST_BACKOFF;
         let mut last_state: Option<String> = None;
         loop {
-            let limit = deadline.map_or(ATTEMPT_TIMEOUT, |d| d.saturating_duration_since(Instant::now()).min(ATTEMPT_TIMEOUT));
+            let limit = deadline.map_or(ATTEMPT_TIMEOUT, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(ATTEMPT_TIMEOUT)
+            });
             let attempt = tokio::select! {
                 r = self.bounded_attempt(limit) => r,
                 s = shutdown.recv() => return Err(Interrupted(s).into()),
@@ -123,7 +138,11 @@ impl Upstream<'_> {
             let error = match attempt {
                 Ok(ok) => {
                     if last_state.is_some() {
-                        info!("primary {} answers after {:.1} s", self.endpoint, started.elapsed().as_secs_f64());
+                        info!(
+                            "primary {} answers after {:.1} s",
+                            self.endpoint,
+                            started.elapsed().as_secs_f64()
+                        );
                     }
                     return Ok(ok);
                 }
@@ -170,7 +189,10 @@ impl Upstream<'_> {
                 Some(info.system_identifier)
             }
             Err(e) => {
-                warn!("primary {} does not answer ({e}); starting the standby with its data as it is", self.endpoint);
+                warn!(
+                    "primary {} does not answer ({e}); starting the standby with its data as it is",
+                    self.endpoint
+                );
                 None
             }
         }
@@ -179,7 +201,10 @@ impl Upstream<'_> {
 
 /// Creates the physical slot `slot` with WAL reserved from now, unless it exists.
 pub async fn ensure_slot(conn: &mut Connection, slot: &str) -> Result<()> {
-    let sql = format!("CREATE_REPLICATION_SLOT {} PHYSICAL RESERVE_WAL", wire::quote_ident(slot));
+    let sql = format!(
+        "CREATE_REPLICATION_SLOT {} PHYSICAL RESERVE_WAL",
+        wire::quote_ident(slot)
+    );
     match conn.simple_query(&sql).await {
         Ok(_) => {
             info!("created replication slot {slot} on the primary");
@@ -196,19 +221,36 @@ mod tests {
     use std::io::{Error, ErrorKind};
 
     fn server(code: &str) -> wire::Error {
-        wire::Error::Server(wire::ServerError { code: code.into(), message: format!("m{code}") })
+        wire::Error::Server(wire::ServerError {
+            code: code.into(),
+            message: format!("m{code}"),
+        })
     }
 
     #[test]
     fn unreachable_and_starting_keep_waiting() {
         assert_eq!(
-            classify(&wire::Error::Connect(Error::from(ErrorKind::ConnectionRefused))),
+            classify(&wire::Error::Connect(Error::from(
+                ErrorKind::ConnectionRefused
+            ))),
             Verdict::Retry("connection refused".into())
         );
-        assert!(matches!(classify(&wire::Error::Connect(Error::other("failed to lookup address"))), Verdict::Retry(_)));
-        assert!(matches!(classify(&wire::Error::Io(Error::from(ErrorKind::ConnectionReset))), Verdict::Retry(_)));
+        assert!(matches!(
+            classify(&wire::Error::Connect(Error::other(
+                "failed to lookup address"
+            ))),
+            Verdict::Retry(_)
+        ));
+        assert!(matches!(
+            classify(&wire::Error::Io(Error::from(ErrorKind::ConnectionReset))),
+            Verdict::Retry(_)
+        ));
         for code in ["57P03", "53300", "57P01", "08006"] {
-            assert_eq!(classify(&server(code)), Verdict::Retry(format!("m{code}")), "{code}");
+            assert_eq!(
+                classify(&server(code)),
+                Verdict::Retry(format!("m{code}")),
+                "{code}"
+            );
         }
     }
 
@@ -217,7 +259,10 @@ mod tests {
         assert_eq!(classify(&server("28P01")), Verdict::Fatal("m28P01".into()));
         assert_eq!(classify(&server("28000")), Verdict::Fatal("m28000".into()));
         assert!(matches!(classify(&server("42601")), Verdict::Fatal(_)));
-        assert!(matches!(classify(&wire::Error::Protocol("x".into())), Verdict::Fatal(_)));
+        assert!(matches!(
+            classify(&wire::Error::Protocol("x".into())),
+            Verdict::Fatal(_)
+        ));
     }
 
     #[test]
@@ -228,6 +273,9 @@ mod tests {
             b = next_backoff(b);
             seen.push(b);
         }
-        assert_eq!(seen.iter().map(|d| d.as_millis()).collect::<Vec<_>>(), [50, 100, 200, 250, 250, 250]);
+        assert_eq!(
+            seen.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
+            [50, 100, 200, 250, 250, 250]
+        );
     }
 }

@@ -19,9 +19,15 @@ use tokio::net::{TcpStream, UnixStream};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     /// The socket `<dir>/.s.PGSQL.<port>`.
-    Unix { dir: PathBuf, port: u16 },
+    Unix {
+        dir: PathBuf,
+        port: u16,
+    },
 }
 
 impl fmt::Display for Endpoint {
@@ -107,7 +113,9 @@ impl Connection {
     pub async fn connect(p: &Params<'_>) -> Result<Connection, Error> {
         let stream = match p.endpoint {
             Endpoint::Tcp { host, port } => {
-                let tcp = TcpStream::connect((host.as_str(), *port)).await.map_err(Error::Connect)?;
+                let tcp = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(Error::Connect)?;
                 tcp.set_nodelay(true).map_err(Error::Connect)?;
                 Stream::Tcp(tcp)
             }
@@ -159,20 +167,27 @@ impl Connection {
                         scram_offered |= m == sasl::SCRAM_SHA_256;
                     }
                     if !scram_offered {
-                        return Err(Error::Protocol("server offers no SASL mechanism pgentry supports".into()));
+                        return Err(Error::Protocol(
+                            "server offers no SASL mechanism pgentry supports".into(),
+                        ));
                     }
                     self.scram(pw).await?;
                 }
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::ErrorResponse(body) => return Err(Error::Server(server_error(body)?)),
-                Message::ParameterStatus(_) | Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
+                Message::ParameterStatus(_)
+                | Message::BackendKeyData(_)
+                | Message::NoticeResponse(_) => {}
                 _ => return Err(Error::Protocol("unexpected message during startup".into())),
             }
         }
     }
 
     async fn scram(&mut self, password: &Secret) -> Result<(), Error> {
-        let mut scram = sasl::ScramSha256::new(password.expose().as_bytes(), sasl::ChannelBinding::unsupported());
+        let mut scram = sasl::ScramSha256::new(
+            password.expose().as_bytes(),
+            sasl::ChannelBinding::unsupported(),
+        );
         frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.write)?;
         self.flush().await?;
         match self.next().await? {
@@ -261,14 +276,22 @@ fn password<'a>(p: &Params<'a>) -> Result<&'a Secret, Error> {
     p.password.ok_or_else(|| {
         Error::Server(ServerError {
             code: "28P01".into(),
-            message: format!("the server asks a password for user {:?}, and none is configured", p.user),
+            message: format!(
+                "the server asks a password for user {:?}, and none is configured",
+                p.user
+            ),
         })
     })
 }
 
-fn server_error(body: postgres_protocol::message::backend::ErrorResponseBody) -> Result<ServerError, Error> {
+fn server_error(
+    body: postgres_protocol::message::backend::ErrorResponseBody,
+) -> Result<ServerError, Error> {
     let mut fields = body.fields();
-    let mut e = ServerError { code: String::new(), message: String::new() };
+    let mut e = ServerError {
+        code: String::new(),
+        message: String::new(),
+    };
     while let Some(field) = fields.next()? {
         match field.type_() {
             b'C' => e.code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
@@ -301,7 +324,10 @@ mod tests {
 
     #[test]
     fn auth_failures_are_class_28() {
-        let e = |code: &str| ServerError { code: code.into(), message: String::new() };
+        let e = |code: &str| ServerError {
+            code: code.into(),
+            message: String::new(),
+        };
         assert!(e("28P01").is_auth_failure());
         assert!(e("28000").is_auth_failure());
         assert!(!e("57P03").is_auth_failure());
