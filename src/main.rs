@@ -6,6 +6,7 @@ mod clone;
 mod config;
 mod conninfo;
 mod exec;
+mod initscripts;
 mod log;
 mod pgbin;
 mod pgdata;
@@ -17,6 +18,7 @@ mod secrets;
 mod signals;
 mod staging;
 mod standby;
+mod tempserver;
 mod upstream;
 mod wire;
 

@@ -429,3 +429,61 @@ pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// The environment of a pgentry primary in `dir`, its secrets written there.
+pub fn primary_env(
+    dir: &TempDir,
+    name: &str,
+    superuser_pw: &str,
+    replication_pw: &str,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
+    env.insert("PGENTRY_ROLE".into(), "primary".into());
+    env.insert("PGDATA".into(), dir.join(name).to_string_lossy().into());
+    env.insert("PGPORT".into(), free_port().to_string());
+    env.insert(
+        "PGENTRY_SOCKET_DIR".into(),
+        dir.join(&format!("{name}-sock")).to_string_lossy().into(),
+    );
+    env.insert("PGENTRY_PG_BIN".into(), PG_BIN.into());
+    env.insert(
+        "PGENTRY_INITDB_DIR".into(),
+        dir.join(&format!("{name}-initdb.d"))
+            .to_string_lossy()
+            .into(),
+    );
+    env.insert(
+        "POSTGRES_PASSWORD_FILE".into(),
+        dir.secret(&format!("{name}-postgres-pw"), superuser_pw)
+            .to_string_lossy()
+            .into(),
+    );
+    env.insert(
+        "PGENTRY_REPLICATION_PASSWORD_FILE".into(),
+        dir.secret(&format!("{name}-replication-pw"), replication_pw)
+            .to_string_lossy()
+            .into(),
+    );
+    env.insert("PGENTRY_CONFIG".into(), String::new());
+    env
+}
+
+/// Starts `pgentry run` as a primary listening on loopback only.
+pub fn start_primary(env: &BTreeMap<String, String>, tag: &str) -> Proc {
+    let p = Proc::spawn(
+        &mut pgentry(
+            env,
+            &[
+                "run",
+                "--",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+            ],
+        ),
+        tag,
+    );
+    p
+}

@@ -1,0 +1,259 @@
+//! /docker-entrypoint-initdb.d on first start, as the official image runs it:
+//! `*.sql` and `*.sql.gz` through pgentry's own connection, `*.sh` with /bin/sh where
+//! there is one, everything else ignored, in name order.
+
+use crate::wire::Connection;
+use crate::{info, warn};
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    Sql(PathBuf),
+    SqlGz(PathBuf),
+    Shell(PathBuf),
+    Ignored(PathBuf),
+}
+
+/// Pure: the kind of each file name, sorted by name.
+pub fn classify(mut paths: Vec<PathBuf>) -> Vec<Script> {
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.ends_with(".sql") {
+                Script::Sql(p)
+            } else if name.ends_with(".sql.gz") {
+                Script::SqlGz(p)
+            } else if name.ends_with(".sh") {
+                Script::Shell(p)
+            } else {
+                Script::Ignored(p)
+            }
+        })
+        .collect()
+}
+
+/// Splits SQL text into statements on top-level semicolons, honouring quotes,
+/// quoted identifiers, dollar quoting and both comment styles. Each statement then
+/// runs on its own, as psql runs a file: `CREATE DATABASE` cannot share a
+/// multi-statement query.
+pub fn split_statements(sql: &str) -> Vec<String> {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    let mut comment_depth = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        if comment_depth > 0 {
+            if c == '*' && next == Some('/') {
+                comment_depth -= 1;
+                i += 2;
+            } else if c == '/' && next == Some('*') {
+                comment_depth += 1;
+                i += 2;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        match c {
+            '-' if next == Some('-') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '/' if next == Some('*') => {
+                comment_depth = 1;
+                i += 2;
+            }
+            '\'' | '"' => {
+                i += 1;
+                while i < chars.len() {
+                    if chars[i] == c && chars.get(i + 1) == Some(&c) {
+                        i += 2;
+                    } else if chars[i] == c {
+                        i += 1;
+                        break;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            '$' => match dollar_tag(&chars[i..]) {
+                Some(tag) => {
+                    let tag: Vec<char> = tag.chars().collect();
+                    i += tag.len();
+                    while i < chars.len() && !chars[i..].starts_with(&tag) {
+                        i += 1;
+                    }
+                    i = (i + tag.len()).min(chars.len());
+                }
+                None => i += 1,
+            },
+            ';' => {
+                push_statement(&mut out, &chars[start..i]);
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    push_statement(&mut out, &chars[start..]);
+    out
+}
+
+/// `$tag$` or `$$` at the start of `s`.
+fn dollar_tag(s: &[char]) -> Option<String> {
+    let end = s.iter().skip(1).position(|&c| c == '$')? + 1;
+    let inner = &s[1..end];
+    let valid = inner.iter().all(|c| c.is_alphanumeric() || *c == '_')
+        && !inner.first().is_some_and(|c| c.is_ascii_digit());
+    valid.then(|| s[..=end].iter().collect())
+}
+
+fn push_statement(out: &mut Vec<String>, chars: &[char]) {
+    let text: String = chars.iter().collect();
+    if !is_blank_sql(&text) {
+        out.push(text.trim().to_string());
+    }
+}
+
+/// Only white space and comments.
+fn is_blank_sql(text: &str) -> bool {
+    text.lines()
+        .map(|l| l.split("--").next().unwrap_or("").trim())
+        .all(|l| l.is_empty())
+        && !text.contains("/*")
+}
+
+/// Runs every script of `dir` in name order. A missing directory is no scripts.
+pub async fn run_all(
+    dir: &Path,
+    conn: &mut Connection,
+    shell_env: &[(String, String)],
+) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    for script in classify(entries) {
+        match script {
+            Script::Sql(path) => {
+                let sql = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                run_sql(&path, &sql, conn).await?;
+            }
+            Script::SqlGz(path) => {
+                let file = std::fs::File::open(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let mut sql = String::new();
+                flate2::read::GzDecoder::new(file)
+                    .read_to_string(&mut sql)
+                    .with_context(|| format!("cannot decompress {}", path.display()))?;
+                run_sql(&path, &sql, conn).await?;
+            }
+            Script::Shell(path) => run_shell(&path, shell_env).await?,
+            Script::Ignored(path) => {
+                warn!("ignoring {} (not .sql, .sql.gz or .sh)", path.display())
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_sql(path: &Path, sql: &str, conn: &mut Connection) -> Result<()> {
+    info!("running {}", path.display());
+    for statement in split_statements(sql) {
+        conn.simple_query(&statement).await.map_err(|e| {
+            anyhow!(
+                "{} failed: {e}; fix the script: the next start initialises the cluster afresh",
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+async fn run_shell(path: &Path, env: &[(String, String)]) -> Result<()> {
+    const SH: &str = "/bin/sh";
+    if !Path::new(SH).exists() {
+        bail!(
+            "{} needs {SH}, which this image does not have; rewrite it as a .sql file",
+            path.display()
+        );
+    }
+    info!("running {}", path.display());
+    let status = tokio::process::Command::new(SH)
+        .arg(path)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("cannot run {}", path.display()))?;
+    if !status.success() {
+        bail!(
+            "{} failed ({status}); fix the script: the next start initialises the cluster afresh",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_and_sorts() {
+        let got = classify(vec![
+            "b.sh".into(),
+            "a.sql".into(),
+            "c.sql.gz".into(),
+            "README".into(),
+        ]);
+        assert_eq!(
+            got,
+            [
+                Script::Ignored("README".into()),
+                Script::Sql("a.sql".into()),
+                Script::Shell("b.sh".into()),
+                Script::SqlGz("c.sql.gz".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn splits_on_top_level_semicolons_only() {
+        let sql = "CREATE DATABASE a;\n-- a comment; with a semicolon\nINSERT INTO t VALUES ('x;y', \"we;ird\");\n\
+                   CREATE FUNCTION f() RETURNS int AS $body$ SELECT 1; $body$ LANGUAGE sql;\n\
+                   /* block; /* nested; */ still */ SELECT $$a;b$$;\n  ;\n-- trailing comment";
+        assert_eq!(
+            split_statements(sql),
+            [
+                "CREATE DATABASE a",
+                "-- a comment; with a semicolon\nINSERT INTO t VALUES ('x;y', \"we;ird\")",
+                "CREATE FUNCTION f() RETURNS int AS $body$ SELECT 1; $body$ LANGUAGE sql",
+                "/* block; /* nested; */ still */ SELECT $$a;b$$",
+            ]
+        );
+    }
+
+    #[test]
+    fn quotes_with_doubled_quotes_and_positional_params() {
+        assert_eq!(
+            split_statements("SELECT 'it''s;'; SELECT $1"),
+            ["SELECT 'it''s;'", "SELECT $1"]
+        );
+        assert_eq!(split_statements("SELECT 1"), ["SELECT 1"]);
+        assert!(split_statements("  -- nothing\n").is_empty());
+    }
+}

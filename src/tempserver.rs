@@ -1,0 +1,150 @@
+//! A temporary postgres for setup work: it listens on a private unix socket only,
+//! so nothing outside (replicas, the healthcheck, clients) sees a half-ready primary.
+
+use crate::signals::{Interrupted, Shutdown};
+use crate::wire::{self, Connection, Endpoint, Params};
+use crate::{info, pgbin};
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// How long the temporary server may take to accept connections.
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+pub struct TempServer {
+    child: Child,
+    pub endpoint: Endpoint,
+    socket_dir: PathBuf,
+}
+
+impl TempServer {
+    /// Starts postgres on `pgdata` with its socket in `socket_dir` (created, private)
+    /// and waits until it accepts connections as `user`.
+    pub async fn start(
+        pg_bin: Option<&Path>,
+        pgdata: &Path,
+        socket_dir: &Path,
+        port: u16,
+        user: &str,
+        shutdown: &mut Shutdown,
+    ) -> Result<TempServer> {
+        std::fs::create_dir_all(socket_dir)
+            .with_context(|| format!("cannot create {}", socket_dir.display()))?;
+        let program = pgbin::find(pg_bin, "postgres")?;
+        let mut command = Command::new(program);
+        command
+            .arg("-D")
+            .arg(pgdata)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=", "-k"])
+            .arg(socket_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // Its log goes where ours goes: setup errors belong in `docker logs`.
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for s in crate::config::SETTINGS.iter().filter(|s| s.secret) {
+            command.env_remove(s.env);
+        }
+        // SAFETY: prctl is async-signal-safe. If pgentry dies, the temporary server
+        // shuts down immediately (SIGQUIT) instead of lingering on a private socket.
+        unsafe {
+            command.pre_exec(|| {
+                if nix::libc::prctl(
+                    nix::libc::PR_SET_PDEATHSIG,
+                    nix::libc::SIGQUIT as nix::libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .context("cannot start the temporary server")?;
+        let mut server = TempServer {
+            child,
+            endpoint: Endpoint::Unix {
+                dir: socket_dir.to_path_buf(),
+                port,
+            },
+            socket_dir: socket_dir.to_path_buf(),
+        };
+        let ready = tokio::select! {
+            r = server.wait_ready(user) => r,
+            s = shutdown.recv() => {
+                server.stop().await?;
+                return Err(Interrupted(s).into());
+            }
+        };
+        if let Err(e) = ready {
+            let _ = server.stop().await;
+            return Err(e);
+        }
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self, user: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + START_LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the temporary server exited ({status}) before accepting connections; see its log above");
+            }
+            match self.connect(user, None, "postgres").await {
+                Ok(conn) => {
+                    conn.close().await;
+                    return Ok(());
+                }
+                Err(wire::Error::Connect(_)) => {}
+                Err(wire::Error::Server(e)) if e.code == "57P03" => {}
+                Err(e) => return Err(anyhow!("the temporary server refused a local connection: {e}; local connections must be allowed for user {user:?} in pg_hba.conf")),
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the temporary server did not accept connections within {} s",
+                    START_LIMIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: Option<&crate::secrets::Secret>,
+        database: &str,
+    ) -> Result<Connection, wire::Error> {
+        Connection::connect(&Params {
+            endpoint: &self.endpoint,
+            user,
+            password,
+            database: Some(database),
+            replication: false,
+            application_name: "pgentry",
+        })
+        .await
+    }
+
+    /// Fast shutdown (SIGINT) and wait: a clean checkpoint, nothing left running.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGINT);
+        }
+        let status = self
+            .child
+            .wait()
+            .await
+            .context("cannot wait for the temporary server")?;
+        let _ = std::fs::remove_dir(&self.socket_dir);
+        info!("temporary server stopped ({status})");
+        Ok(())
+    }
+}
