@@ -91,10 +91,17 @@ pub fn become_postgres(private_dirs: &[&Path], shared_dirs: &[&Path]) -> Result<
     Ok(account)
 }
 
+/// Creates `dir` with `mode`; missing parents get the default mode, so that the
+/// postgres user can traverse parents that root created.
 fn create_dir(dir: &Path, mode: u32) -> Result<()> {
-    match fs::DirBuilder::new().recursive(true).mode(mode).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(e).with_context(|| format!("cannot create {}", dir.display()))
+        }
+        _ => Ok(()),
     }
 }
 
