@@ -6,7 +6,9 @@ mod clone;
 mod config;
 mod conninfo;
 mod exec;
+mod health;
 mod initscripts;
+mod local;
 mod log;
 mod pgbin;
 mod pgdata;
@@ -18,6 +20,7 @@ mod secrets;
 mod signals;
 mod staging;
 mod standby;
+mod status;
 mod tempserver;
 mod upstream;
 mod wire;
@@ -43,9 +46,9 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run(extra) => run::run(&extra),
         Command::CheckConfig => run::check_config(),
-        Command::Healthcheck(_) | Command::Status { .. } => {
-            Err(anyhow::anyhow!("not implemented yet"))
-        }
+        // Exit 0 or 1 and nothing else, with its own line on stdout: not main's way.
+        Command::Healthcheck(probe) => return health::run(probe),
+        Command::Status { json } => status::run(json),
         Command::Help => {
             print!("{}", cli::help());
             Ok(())
