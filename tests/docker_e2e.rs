@@ -273,6 +273,7 @@ struct Stack {
     secrets: TempDir,
     image: String,
     cpus: u32,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Stack {
@@ -302,6 +303,7 @@ impl Stack {
             files,
             image: env.image.clone(),
             cpus: env.cpus,
+            env: Vec::new(),
         }
     }
 
@@ -319,6 +321,7 @@ impl Stack {
             .env("PGENTRY_SECRETS_DIR", &self.secrets.0)
             .env("PGENTRY_PRIMARY_CPUS", self.cpus.min(4).to_string())
             .env("PGENTRY_REPLICA_CPUS", self.cpus.min(2).to_string())
+            .envs(self.env.iter().copied())
             .args(["--ansi", "never"])
             .arg("--project-name")
             .arg(&self.project);
@@ -802,7 +805,16 @@ fn scaled_replicas_stream_each_on_its_own_slot() {
     let Some((_serial, env)) = setup() else {
         return;
     };
-    let stack = Stack::new(env, "scale", &["docker-compose.scale.yml"]);
+    let mut stack = Stack::new(
+        env,
+        "scale",
+        &["docker-compose.scale.yml", "docker-compose.ports.yml"],
+    );
+    // Published on loopback ports Docker picks, so that nothing on the host collides.
+    stack.env = vec![
+        ("PGENTRY_PRIMARY_PORTS", "127.0.0.1:"),
+        ("PGENTRY_REPLICA_PORTS", "127.0.0.1:"),
+    ];
     stack.up(&["--scale", "replica=2"]);
     let primary = stack.container("primary");
     let replicas = stack.containers("replica");
@@ -846,6 +858,34 @@ fn scaled_replicas_stream_each_on_its_own_slot() {
     for r in &replicas {
         wait_same_rows(&primary, r, SHORT);
     }
+    // docker-compose.ports.yml: each server answers on its published loopback port.
+    for c in replicas.iter().chain([&primary]) {
+        let published = docker_ok(&["port", c, "5432/tcp"]);
+        let address = published.lines().next().unwrap().to_string();
+        assert!(
+            address.starts_with("127.0.0.1:"),
+            "{c} published on {published}"
+        );
+        assert!(
+            answers_ssl_request(&address),
+            "no PostgreSQL answer on {address} ({c})"
+        );
+    }
+}
+
+/// Whether a PostgreSQL server answers an SSLRequest at `address` ('S' or 'N').
+fn answers_ssl_request(address: &str) -> bool {
+    use std::io::Write;
+    let Ok(mut conn) = std::net::TcpStream::connect(address) else {
+        return false;
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = [0u8; 1];
+    conn.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .is_ok()
+        && conn.read_exact(&mut answer).is_ok()
+        && (answer[0] == b'S' || answer[0] == b'N')
 }
 
 /// A swarm made for the test, left again at drop (with the bridge it made).
