@@ -168,6 +168,19 @@ fn build_images() -> Env {
     let image = format!("pgentry-e2e:{}", &sha[..16]);
     if !docker(&["image", "inspect", &image]).status.success() {
         build_image(&image, BASE_IMAGE, &binary);
+        // Images of earlier binaries go: one per run would pile up on a kept machine.
+        for old in docker_ok(&[
+            "images",
+            "pgentry-e2e",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+        ])
+        .lines()
+        {
+            if old != image {
+                docker(&["image", "rm", old]);
+            }
+        }
     }
     let cpus: u32 = docker_ok(&["info", "--format", "{{.NCPU}}"])
         .parse()
@@ -236,6 +249,15 @@ fn build_image(tag: &str, base: &str, binary: &Path) {
         "docker build of {tag} failed: {}",
         text(&out.stderr)
     );
+    // The classic builder leaves the binary stage's image untagged; only ours carry
+    // this label.
+    docker(&[
+        "image",
+        "prune",
+        "--force",
+        "--filter",
+        "label=pgentry.stage=binary",
+    ]);
 }
 
 /// A directory removed at drop.
