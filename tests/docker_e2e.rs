@@ -141,18 +141,23 @@ fn setup() -> Option<(MutexGuard<'static, ()>, &'static Env)> {
             .map(|o| o.status.success())
             .unwrap_or(false);
         if !answers {
-            eprintln!();
-            eprintln!("################################################################");
-            eprintln!("## SKIPPED: docker_e2e needs a Docker daemon and none answers  ##");
-            eprintln!("## (`docker version` failed). Nothing in docker/ or compose/   ##");
-            eprintln!("## was tested.                                                 ##");
-            eprintln!("################################################################");
-            eprintln!();
+            loud(
+                "SKIPPED: docker_e2e needs a Docker daemon and none answers (`docker version` \
+                 failed): nothing in docker/ or compose/ was tested",
+            );
             return None;
         }
         Some(build_images())
     });
     env.as_ref().map(|env| (guard, env))
+}
+
+/// A message the test harness does not capture: straight to the stderr descriptor,
+/// where `cargo test` shows it even for a passing test.
+fn loud(message: &str) {
+    use std::io::Write;
+    let bar = "#".repeat(78);
+    let _ = writeln!(std::io::stderr(), "\n{bar}\n## {message}\n{bar}\n");
 }
 
 fn build_images() -> Env {
@@ -987,7 +992,9 @@ fn swarm_stack_deploy_streams() {
     };
     let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
     if state != "inactive" {
-        eprintln!("###### SKIPPED swarm_stack_deploy_streams: this engine is already in a swarm ({state}); not touching it ######");
+        loud(&format!(
+            "SKIPPED swarm_stack_deploy_streams: this engine is already in a swarm ({state}); not touching it"
+        ));
         return;
     }
     let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
