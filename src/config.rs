@@ -657,7 +657,7 @@ impl Config {
                 }
             } else {
                 match src.get(s) {
-                    Some((v, Origin::Env)) => format!("{v}"),
+                    Some((v, Origin::Env)) => v.to_string(),
                     Some((v, Origin::File)) => format!("{v} (from config file)"),
                     None if s.default.is_empty() => "(unset)".into(),
                     None => format!("{} (default)", s.default),

@@ -471,7 +471,7 @@ pub fn primary_env(
 
 /// Starts `pgentry run` as a primary listening on loopback only.
 pub fn start_primary(env: &BTreeMap<String, String>, tag: &str) -> Proc {
-    let p = Proc::spawn(
+    Proc::spawn(
         &mut pgentry(
             env,
             &[
@@ -484,6 +484,5 @@ pub fn start_primary(env: &BTreeMap<String, String>, tag: &str) -> Proc {
             ],
         ),
         tag,
-    );
-    p
+    )
 }
