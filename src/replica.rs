@@ -7,7 +7,7 @@ use crate::signals::Shutdown;
 use crate::staging::Staging;
 use crate::upstream::{self, Upstream};
 use crate::wire::Endpoint;
-use crate::{clone, info, standby};
+use crate::{clone, info, standby, warn};
 use anyhow::{Context, Result};
 use std::time::Duration;
 
@@ -27,15 +27,25 @@ pub async fn prepare(config: &Config, replica: &Replica, shutdown: &mut Shutdown
     };
     let facts = pgdata::inspect(&config.pgdata)
         .with_context(|| format!("cannot inspect PGDATA {}", config.pgdata.display()))?;
-    let primary_system = if pgdata::is_standby(&facts) {
+    let mut probe = if pgdata::is_standby(&facts) {
         upstream.probe(PROBE_LIMIT).await
     } else {
         None
     };
-    let action = pgdata::decide_replica(&facts, primary_system)?;
+    let action = pgdata::decide_replica(&facts, probe.as_ref().map(|(_, s)| s.system_identifier))?;
     let staging = Staging::new(&config.pgdata);
     match action {
-        ReplicaAction::Start => info!("PGDATA holds a standby of this primary; starting it"),
+        ReplicaAction::Start => {
+            info!("PGDATA holds a standby of this primary; starting it");
+            // The slot may be new (a recreated container has a new host name, so a
+            // new default slot) or gone (dropped on the primary): without it the
+            // walreceiver cannot stream. The standby still serves reads if this fails.
+            if let Some((conn, _)) = probe.as_mut() {
+                if let Err(e) = upstream::ensure_slot(conn, replica.slot.as_str()).await {
+                    warn!("{e:#}");
+                }
+            }
+        }
         ReplicaAction::FinishStaging => {
             info!("finishing an interrupted move of a completed clone");
             staging.promote()?;
@@ -55,6 +65,9 @@ pub async fn prepare(config: &Config, replica: &Replica, shutdown: &mut Shutdown
             conn.close().await;
             clone::clone(config, replica, shutdown).await?;
         }
+    }
+    if let Some((conn, _)) = probe {
+        conn.close().await;
     }
     let desired = standby::desired(replica, &config.replication_user, &config.pgdata);
     if standby::apply(&config.pgdata, &desired)? && action == ReplicaAction::Start {

@@ -180,14 +180,11 @@ impl Upstream<'_> {
         }
     }
 
-    /// The primary's system identifier if it answers within `limit`; a standby
-    /// restarting while its primary is down must not wait for it.
-    pub async fn probe(&self, limit: Duration) -> Option<u64> {
+    /// A connection to the primary and its identity, if it answers within `limit`:
+    /// a standby restarting while its primary is down must not wait for it.
+    pub async fn probe(&self, limit: Duration) -> Option<(Connection, SystemInfo)> {
         match self.bounded_attempt(limit).await {
-            Ok((conn, info)) => {
-                conn.close().await;
-                Some(info.system_identifier)
-            }
+            Ok(answer) => Some(answer),
             Err(e) => {
                 warn!(
                     "primary {} does not answer ({e}); starting the standby with its data as it is",

@@ -117,7 +117,7 @@ fn password_with_every_awkward_character_works_and_stays_secret() {
 }
 
 #[test]
-fn password_rotation_on_the_replica_rewrites_its_settings() {
+fn rotated_password_and_new_slot_name_take_effect_on_restart() {
     let mut primary = PlainPrimary::new("rotate", "old-pw");
     let secret = primary.dir.secret("repl_pw", "old-pw");
     let env = replica_env(&primary.dir, "replica", primary.endpoint.port, &secret);
@@ -129,11 +129,20 @@ fn password_rotation_on_the_replica_rewrites_its_settings() {
         .endpoint
         .psql("ALTER ROLE replicator PASSWORD 'new:pw';");
     primary.dir.secret("repl_pw", "new:pw");
+    // A recreated container has a new host name, and so a new default slot.
+    let mut env = env.clone();
+    env.insert("PGENTRY_SLOT".into(), "renamed".into());
     let mut replica = start_replica(&env, "rotate-2");
     replica_ep.wait_streaming(LONG);
     assert!(replica
         .log()
         .contains("updated the standby's connection settings"));
+    assert_eq!(
+        primary
+            .endpoint
+            .psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'renamed'"),
+        "t"
+    );
     replica.stop();
     primary.stop();
 }
