@@ -164,6 +164,7 @@ fn every_probe_against_a_primary_and_a_replica_in_each_state() {
         "expected a replica, but the server is not in recovery",
     );
     expect(&replica_expected_on_primary, "--liveness", true, "alive");
+    expect(&replica_expected_on_primary, "--startup", true, "started");
 
     // No socket: TCP to 127.0.0.1, with the superuser's password (SCRAM).
     primary
@@ -234,6 +235,7 @@ fn every_probe_against_a_primary_and_a_replica_in_each_state() {
         "over PGENTRY_MAX_LAG_SECONDS=1",
     );
     expect(&one_second, "--liveness", true, "alive");
+    expect(&one_second, "--startup", true, "started");
     // Caught up, the primary idle: an old last transaction is not lag.
     replica_ep.psql("SELECT pg_wal_replay_resume();");
     wait_until(LONG, "the replica to catch up", || {
