@@ -173,18 +173,16 @@ fn build_images() -> Env {
     let image = format!("pgentry-e2e:{}", &sha[..16]);
     if !docker(&["image", "inspect", &image]).status.success() {
         build_image(&image, BASE_IMAGE, &binary);
-        // Images of earlier binaries go: one per run would pile up on a kept machine.
-        for old in docker_ok(&[
+        // Images of earlier binaries go, but for the newest few (another test run may be
+        // using them): one per run would pile up on a kept machine. Newest first.
+        let tags = docker_ok(&[
             "images",
             "pgentry-e2e",
             "--format",
             "{{.Repository}}:{{.Tag}}",
-        ])
-        .lines()
-        {
-            if old != image {
-                docker(&["image", "rm", old]);
-            }
+        ]);
+        for old in tags.lines().filter(|t| *t != image).skip(2) {
+            docker(&["image", "rm", old]);
         }
     }
     let cpus: u32 = docker_ok(&["info", "--format", "{{.NCPU}}"])
@@ -255,13 +253,15 @@ fn build_image(tag: &str, base: &str, binary: &Path) {
         text(&out.stderr)
     );
     // The classic builder leaves the binary stage's image untagged; only ours carry
-    // this label.
+    // this label. Those of the last hour stay: a concurrent build may still need its own.
     docker(&[
         "image",
         "prune",
         "--force",
         "--filter",
         "label=pgentry.stage=binary",
+        "--filter",
+        "until=1h",
     ]);
 }
 
