@@ -324,8 +324,10 @@ impl Stack {
         let project = format!("pgentry-e2e-{name}-{}", std::process::id());
         let mut files = vec![repo().join("compose/docker-compose.yml")];
         files.extend(overrides.iter().map(|f| repo().join("compose").join(f)));
+        let secrets = TempDir::new(&project);
+        std::fs::write(secrets.0.join("empty.env"), "").unwrap();
         Stack {
-            secrets: TempDir::new(&project),
+            secrets,
             project,
             files,
             image: env.image.clone(),
@@ -350,6 +352,9 @@ impl Stack {
             .env("PGENTRY_REPLICA_CPUS", self.cpus.min(2).to_string())
             .envs(self.env.iter().copied())
             .args(["--ansi", "never"])
+            // Not compose/.env, which a developer may have written for their own stack.
+            .arg("--env-file")
+            .arg(self.secrets.0.join("empty.env"))
             .arg("--project-name")
             .arg(&self.project);
         for f in &self.files {
