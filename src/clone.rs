@@ -9,14 +9,13 @@ use crate::config::{Config, Replica};
 use crate::signals::{Interrupted, Shutdown};
 use crate::staging::Staging;
 use crate::standby::{self, write_private};
-use crate::{conninfo, info, warn};
+use crate::{child, conninfo, info, warn};
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
 /// Seconds pg_basebackup waits for each connection.
 const CONNECT_TIMEOUT: &str = "10";
@@ -66,32 +65,21 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
         replica.slot.as_str()
     );
     let started = Instant::now();
-    let mut command = Command::new(&program);
+    let mut command = child::command(&program, Signal::SIGKILL);
     command
         .args(basebackup_args(replica, &config.replication_user, &target))
         .env("PGPASSFILE", &passfile)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .process_group(0);
-    for s in crate::config::SETTINGS.iter().filter(|s| s.secret) {
-        command.env_remove(s.env);
-    }
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            if libc_prctl_pdeathsig() != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command
+    let mut basebackup = command
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
-    let pgid = Pid::from_raw(child.id().unwrap_or_default() as i32);
-    let mut stderr = child.stderr.take().context("pg_basebackup has no stderr")?;
+    let pgid = Pid::from_raw(basebackup.id().unwrap_or_default() as i32);
+    let mut stderr = basebackup
+        .stderr
+        .take()
+        .context("pg_basebackup has no stderr")?;
     let mut progress = Progress::default();
     let mut buf = [0u8; 4096];
     let mut stderr_open = true;
@@ -101,10 +89,10 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
                 Ok(0) | Err(_) => stderr_open = false,
                 Ok(n) => progress.feed(&buf[..n]),
             },
-            status = child.wait() => break status?,
+            status = basebackup.wait() => break status?,
             s = shutdown.recv() => {
                 stop_group(pgid).await;
-                let _ = child.wait().await;
+                let _ = basebackup.wait().await;
                 return Err(Interrupted(s).into());
             }
         }
@@ -139,13 +127,6 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
     staging.promote()?;
     info!("clone finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// Asks the kernel to SIGKILL the child when pgentry dies, so no pg_basebackup
-/// outlives a kill -9 of pgentry and writes into a directory the next start discards.
-fn libc_prctl_pdeathsig() -> i32 {
-    // PR_SET_PDEATHSIG = 1
-    unsafe { nix::libc::prctl(1, nix::libc::SIGKILL as nix::libc::c_ulong, 0, 0, 0) }
 }
 
 /// Kills pg_basebackup processes still writing into `target`: when pgentry is killed

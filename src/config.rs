@@ -672,6 +672,12 @@ impl Config {
     }
 }
 
+/// The variables that carry a secret inline (`NAME`; `NAME_FILE` only names a
+/// file): kept out of every child's environment and out of postgres'.
+pub fn inline_secret_names() -> impl Iterator<Item = &'static str> {
+    SETTINGS.iter().filter(|s| s.secret).map(|s| s.env)
+}
+
 /// The settings reference, for `--help`.
 pub fn help_table() -> String {
     let mut out = String::new();

@@ -68,11 +68,7 @@ pub fn exec_postgres(config: &crate::config::Config, extra: &[String]) -> anyhow
         Err(e) => return e,
     };
     let args = postgres_args(&config.pgdata, config.port, &config.socket_dir, extra);
-    let secrets: Vec<&str> = crate::config::SETTINGS
-        .iter()
-        .filter(|s| s.secret)
-        .map(|s| s.env)
-        .collect();
+    let secrets: Vec<&str> = crate::config::inline_secret_names().collect();
     let env = scrubbed_env(std::env::vars_os(), &secrets);
     crate::info!(
         "starting postgres: {}",

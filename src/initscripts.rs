@@ -192,10 +192,9 @@ async fn run_shell(path: &Path, env: &[(String, String)]) -> Result<()> {
         );
     }
     info!("running {}", path.display());
-    let status = tokio::process::Command::new(SH)
+    let status = crate::child::command(SH, nix::sys::signal::Signal::SIGKILL)
         .arg(path)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
         .status()
         .await
         .with_context(|| format!("cannot run {}", path.display()))?;

@@ -1,6 +1,7 @@
 //! pgentry: the entrypoint, healthcheck and status tool of a PostgreSQL 15
 //! streaming-replication container. main only parses the command and dispatches.
 
+mod child;
 mod cli;
 mod clone;
 mod config;

@@ -10,7 +10,7 @@ use crate::staging::Staging;
 use crate::standby::write_private;
 use crate::tempserver::TempServer;
 use crate::wire::{quote_ident, quote_literal, Connection};
-use crate::{info, initscripts, pgbin, warn};
+use crate::{child, info, initscripts, pgbin, warn};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -302,14 +302,8 @@ async fn run_initdb(
     }
     args.extend(primary.initdb_args.iter().cloned());
     info!("running initdb");
-    let mut command = tokio::process::Command::new(&program);
-    command
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for s in crate::config::SETTINGS.iter().filter(|s| s.secret) {
-        command.env_remove(s.env);
-    }
+    let mut command = child::command(&program, nix::sys::signal::Signal::SIGKILL);
+    command.args(&args);
     let output = tokio::select! {
         o = command.output() => o.with_context(|| format!("cannot run {}", program.display()))?,
         s = shutdown.recv() => return Err(Interrupted(s).into()),

@@ -95,7 +95,8 @@ pub fn become_postgres(private_dirs: &[&Path], shared_dirs: &[&Path]) -> Result<
 /// postgres user can traverse parents that root created.
 fn create_dir(dir: &Path, mode: u32) -> Result<()> {
     if let Some(parent) = dir.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     match fs::DirBuilder::new().mode(mode).create(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {

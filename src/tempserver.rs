@@ -3,14 +3,14 @@
 
 use crate::signals::{Interrupted, Shutdown};
 use crate::wire::{self, Connection, Endpoint, Params};
-use crate::{info, pgbin};
+use crate::{child, info, pgbin};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// How long the temporary server may take to accept connections.
 const START_LIMIT: Duration = Duration::from_secs(60);
@@ -35,37 +35,17 @@ impl TempServer {
         std::fs::create_dir_all(socket_dir)
             .with_context(|| format!("cannot create {}", socket_dir.display()))?;
         let program = pgbin::find(pg_bin, "postgres")?;
-        let mut command = Command::new(program);
+        // If pgentry dies, the temporary server shuts down at once (SIGQUIT)
+        // instead of lingering on its private socket.
+        let mut command = child::command(program, Signal::SIGQUIT);
         command
             .arg("-D")
             .arg(pgdata)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=", "-k"])
             .arg(socket_dir)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             // Its log goes where ours goes: setup errors belong in `docker logs`.
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for s in crate::config::SETTINGS.iter().filter(|s| s.secret) {
-            command.env_remove(s.env);
-        }
-        // SAFETY: prctl is async-signal-safe. If pgentry dies, the temporary server
-        // shuts down immediately (SIGQUIT) instead of lingering on a private socket.
-        unsafe {
-            command.pre_exec(|| {
-                if nix::libc::prctl(
-                    nix::libc::PR_SET_PDEATHSIG,
-                    nix::libc::SIGQUIT as nix::libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .stderr(Stdio::inherit());
         let child = command
             .spawn()
             .context("cannot start the temporary server")?;

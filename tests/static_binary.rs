@@ -24,15 +24,31 @@ fn program_header_types(elf: &[u8]) -> Vec<u32> {
 #[test]
 fn binary_requests_no_dynamic_loader() {
     let elf = std::fs::read(pgentry_bin()).unwrap();
-    assert!(!program_header_types(&elf).contains(&PT_INTERP), "pgentry is dynamically linked");
+    assert!(
+        !program_header_types(&elf).contains(&PT_INTERP),
+        "pgentry is dynamically linked"
+    );
 }
 
 fn alpine_root(dir: &TempDir) -> PathBuf {
     let root = dir.join("alpine");
     std::fs::create_dir_all(&root).unwrap();
-    let out = Command::new("tar").arg("-xzf").arg(ALPINE).arg("-C").arg(&root).output().unwrap();
-    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(!root.join("lib/libc.so.6").exists() && root.join("lib/ld-musl-x86_64.so.1").exists(), "not a musl root");
+    let out = Command::new("tar")
+        .arg("-xzf")
+        .arg(ALPINE)
+        .arg("-C")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !root.join("lib/libc.so.6").exists() && root.join("lib/ld-musl-x86_64.so.1").exists(),
+        "not a musl root"
+    );
     std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
     std::fs::copy(pgentry_bin(), root.join("usr/local/bin/pgentry")).unwrap();
     // The postgres:15-alpine image's account.
@@ -42,13 +58,22 @@ fn alpine_root(dir: &TempDir) -> PathBuf {
     root
 }
 
-fn chroot(root: &Path, user: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+fn chroot(
+    root: &Path,
+    user: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
     // Absolute: the child PATH set below is the Alpine one, which Command would search.
     let mut cmd = Command::new("/usr/sbin/chroot");
     if let Some(u) = user {
         cmd.arg(format!("--userspec={u}"));
     }
-    cmd.arg(root).arg("/usr/local/bin/pgentry").args(args).env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    cmd.arg(root)
+        .arg("/usr/local/bin/pgentry")
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin");
     cmd.envs(env.iter().copied());
     cmd.output().unwrap()
 }
@@ -63,12 +88,31 @@ fn runs_in_the_alpine_root_as_root_and_as_uid_70() {
     let root = alpine_root(&dir);
     for user in [None, Some("70:70")] {
         let out = chroot(&root, user, &[], &["--version"]);
-        assert!(out.status.success(), "{user:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{user:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("pgentry "));
-        let out = chroot(&root, user, &[("PGENTRY_PRIMARY_HOST", "db"), ("PGENTRY_REPLICATION_PASSWORD", "pw")], &["check-config"]);
-        assert!(out.status.success(), "{user:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = chroot(
+            &root,
+            user,
+            &[
+                ("PGENTRY_PRIMARY_HOST", "db"),
+                ("PGENTRY_REPLICATION_PASSWORD", "pw"),
+            ],
+            &["check-config"],
+        );
+        assert!(
+            out.status.success(),
+            "{user:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("# role: replica") && !text.contains("pw\n"), "{text}");
+        assert!(
+            text.contains("# role: replica") && !text.contains("pw\n"),
+            "{text}"
+        );
     }
     // As root, `run` drops to uid 70, resolves the primary's name through musl's
     // /etc/hosts and waits for it: the whole start-up path works without glibc.
@@ -86,7 +130,10 @@ fn runs_in_the_alpine_root_as_root_and_as_uid_70() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err.contains("waiting for primary localhost") && err.contains("connection refused"), "{err}");
+    assert!(
+        err.contains("waiting for primary localhost") && err.contains("connection refused"),
+        "{err}"
+    );
     use std::os::unix::fs::MetadataExt;
     let pgdata = std::fs::metadata(root.join("var/lib/postgresql/data")).unwrap();
     assert_eq!((pgdata.uid(), pgdata.mode() & 0o777), (70, 0o700));
