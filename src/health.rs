@@ -92,7 +92,7 @@ impl Verdict {
         }
     }
 
-    fn unhealthy(reason: impl Into<String>) -> Verdict {
+    pub fn unhealthy(reason: impl Into<String>) -> Verdict {
         Verdict {
             healthy: false,
             reason: reason.into(),
@@ -201,6 +201,11 @@ pub fn run(probe: Probe) -> ExitCode {
         Ok((config, _)) => check(probe, &config),
         Err(e) => Verdict::unhealthy(format!("invalid configuration: {e:#}")),
     };
+    report(&verdict)
+}
+
+/// Prints the verdict's line and turns it into the exit code (0 or 1, nothing else).
+pub fn report(verdict: &Verdict) -> ExitCode {
     // A closed stdout must not turn the verdict into a panic: the exit code is the answer.
     let _ = writeln!(std::io::stdout().lock(), "{}", verdict.line());
     if verdict.healthy {

@@ -39,6 +39,10 @@ fn main() -> ExitCode {
         .and_then(|a| cli::parse(&a))
     {
         Ok(c) => c,
+        // Docker and Kubernetes read a healthcheck's exit code as 0 or 1 only.
+        Err(message) if std::env::args().nth(1).as_deref() == Some("healthcheck") => {
+            return health::report(&health::Verdict::unhealthy(message));
+        }
         Err(message) => {
             log::emit(log::Level::Error, &message);
             return ExitCode::from(2);

@@ -443,6 +443,8 @@ fn configuration_errors_are_unhealthy_with_exit_1() {
         "invalid configuration",
     );
     expect(&env, "--readiness", false, "no socket in /nonexistent");
+    // Even a mistyped mode is an answer of 1, not a usage error of 2.
+    expect(&env, "--deep", false, "unknown healthcheck mode");
 }
 
 #[test]

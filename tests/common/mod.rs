@@ -208,12 +208,8 @@ impl Endpoint {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
+        // psql may exit before reading (server not up yet): its status says so.
+        let _ = child.stdin.take().unwrap().write_all(sql.as_bytes());
         let out = child.wait_with_output().unwrap();
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
