@@ -113,10 +113,34 @@ pub fn reconcile_digest(salt: &str, replication_user: &str, p: &Primary) -> Stri
     format!("{:x}", h.finalize())
 }
 
-fn read_state(pgdata: &Path) -> Option<(String, String)> {
-    let text = std::fs::read_to_string(pgdata.join(STATE_FILE)).ok()?;
-    let (salt, digest) = text.trim().split_once(' ')?;
-    Some((salt.to_string(), digest.to_string()))
+/// What the last reconcile applied: a salt and the digest made with it.
+struct State {
+    salt: String,
+    digest: String,
+}
+
+impl State {
+    /// The state the configuration asks for, digested with `salt`.
+    fn wanted(salt: String, config: &Config, primary: &Primary) -> State {
+        let digest = reconcile_digest(&salt, &config.replication_user, primary);
+        State { salt, digest }
+    }
+
+    fn read(dir: &Path) -> Option<State> {
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).ok()?;
+        let (salt, digest) = text.trim().split_once(' ')?;
+        Some(State {
+            salt: salt.into(),
+            digest: digest.into(),
+        })
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        write_private(
+            &dir.join(STATE_FILE),
+            format!("{} {}\n", self.salt, self.digest).as_bytes(),
+        )
+    }
 }
 
 fn new_salt() -> Result<String> {
@@ -159,34 +183,25 @@ pub async fn prepare(config: &Config, primary: &Primary, shutdown: &mut Shutdown
         }
     }
     write_settings(pgdata, config, primary, false)?;
-    let state = read_state(pgdata);
-    let salt = match &state {
-        Some((salt, _)) => salt.clone(),
+    let last = State::read(pgdata);
+    let salt = match &last {
+        Some(state) => state.salt.clone(),
         None => new_salt()?,
     };
-    let digest = reconcile_digest(&salt, &config.replication_user, primary);
-    if state.as_ref().map(|(_, d)| d) == Some(&digest) {
+    let wanted = State::wanted(salt, config, primary);
+    if last.is_some_and(|l| l.digest == wanted.digest) {
         info!("replication role and slots unchanged since the last start; no setup server needed");
         return Ok(());
     }
     info!("reconciling the replication role and slots on a temporary server");
-    let server = start_setup_server(config, pgdata, shutdown).await?;
-    let work = async {
-        let mut conn = connect_superuser(config, &server).await?;
+    on_setup_server(config, pgdata, shutdown, async |server| {
+        let mut conn = connect_superuser(config, server).await?;
         reconcile(&mut conn, config, primary).await?;
         conn.close().await;
-        Ok::<(), anyhow::Error>(())
-    };
-    let result = tokio::select! {
-        r = work => r,
-        s = shutdown.recv() => Err(Interrupted(s).into()),
-    };
-    server.stop().await?;
-    result?;
-    write_private(
-        &pgdata.join(STATE_FILE),
-        format!("{salt} {digest}\n").as_bytes(),
-    )
+        Ok(())
+    })
+    .await?;
+    wanted.write(pgdata)
 }
 
 /// An empty password only works with trust, and trust must be asked for.
@@ -220,15 +235,15 @@ async fn initialise(
     let data = staging.data_dir();
     run_initdb(config, primary, staging, shutdown).await?;
     write_settings(&data, config, primary, true)?;
-    let server = start_setup_server(config, &data, shutdown).await?;
-    let work = async {
-        let mut conn = connect_superuser(config, &server).await?;
+    on_setup_server(config, &data, shutdown, async |server| {
+        let mut conn = connect_superuser(config, server).await?;
         if primary.db != "postgres" {
             conn.simple_query(&format!("CREATE DATABASE {}", quote_ident(&primary.db)))
                 .await
                 .map_err(|e| anyhow!("cannot create database {:?}: {e}", primary.db))?;
         }
         reconcile(&mut conn, config, primary).await?;
+        conn.close().await;
         let mut db_conn = server
             .connect(
                 &config.superuser,
@@ -240,25 +255,14 @@ async fn initialise(
         initscripts::run_all(
             &primary.initdb_dir,
             &mut db_conn,
-            &script_env(config, primary, &server),
+            &script_env(config, primary, server),
         )
         .await?;
         db_conn.close().await;
-        conn.close().await;
-        Ok::<(), anyhow::Error>(())
-    };
-    let result = tokio::select! {
-        r = work => r,
-        s = shutdown.recv() => Err(Interrupted(s).into()),
-    };
-    server.stop().await?;
-    result?;
-    let salt = new_salt()?;
-    let digest = reconcile_digest(&salt, &config.replication_user, primary);
-    write_private(
-        &data.join(STATE_FILE),
-        format!("{salt} {digest}\n").as_bytes(),
-    )
+        Ok(())
+    })
+    .await?;
+    State::wanted(new_salt()?, config, primary).write(&data)
 }
 
 /// What a `.sh` init script sees, as in the official image: libpq's variables point
@@ -360,20 +364,30 @@ fn setup_socket_dir(config: &Config) -> PathBuf {
     config.socket_dir.join(".pgentry-setup")
 }
 
-async fn start_setup_server(
+/// Runs `work` against a temporary server on `data`, and stops the server however
+/// the work ends: done, failed, or cut short by a signal.
+async fn on_setup_server(
     config: &Config,
     data: &Path,
     shutdown: &mut Shutdown,
-) -> Result<TempServer> {
-    TempServer::start(
+    work: impl AsyncFnOnce(&TempServer) -> Result<()>,
+) -> Result<()> {
+    let socket_dir = setup_socket_dir(config);
+    let server = TempServer::start(
         config.pg_bin.as_deref(),
         data,
-        &setup_socket_dir(config),
+        &socket_dir,
         config.port,
         &config.superuser,
         shutdown,
     )
-    .await
+    .await?;
+    let result = tokio::select! {
+        r = work(&server) => r,
+        s = shutdown.recv() => Err(Interrupted(s).into()),
+    };
+    server.stop().await?;
+    result
 }
 
 async fn connect_superuser(config: &Config, server: &TempServer) -> Result<Connection> {

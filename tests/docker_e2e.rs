@@ -526,25 +526,13 @@ fn logs(container: &str) -> String {
     format!("{}\n{}", text(&out.stdout), text(&out.stderr))
 }
 
-/// The slot a replica on this host name uses: pgentry's default (config.rs).
-fn slot_of(hostname: &str) -> String {
-    let s: String = hostname
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(63)
-        .collect();
-    if s.is_empty() {
-        "replica".into()
-    } else {
-        s
-    }
+/// The slot pgentry in `container` uses, as its own `check-config` reports it.
+fn slot_in(container: &str) -> String {
+    let out = docker_ok(&["exec", container, "pgentry", "check-config"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("# slot in use: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no slot in the check-config of {container}:\n{out}"))
 }
 
 // The test table: rows written on the primary, compared by count and checksum.
@@ -855,17 +843,7 @@ fn scaled_replicas_stream_each_on_its_own_slot() {
     for r in &replicas {
         wait_health(r, "healthy", LONG);
     }
-    let mut slots: Vec<String> = replicas
-        .iter()
-        .map(|r| {
-            slot_of(&docker_ok(&[
-                "inspect",
-                "--format",
-                "{{.Config.Hostname}}",
-                r,
-            ]))
-        })
-        .collect();
+    let mut slots: Vec<String> = replicas.iter().map(|r| slot_in(r)).collect();
     slots.sort();
     assert_ne!(slots[0], slots[1]);
     let expected = slots.join(",");
@@ -1049,7 +1027,15 @@ fn swarm_stack_deploy_streams() {
         text(&out.stderr)
     );
 
-    let slot = slot_of(&docker_ok(&["info", "--format", "{{.Name}}"]));
+    let replica = wait_until(LONG, "the swarm's replica running", || {
+        stack.running("replica")
+    });
+    // The replica's host name is its node's, so its slot is named after the node.
+    assert_eq!(
+        docker_ok(&["exec", &replica, "cat", "/etc/hostname"]).trim(),
+        docker_ok(&["info", "--format", "{{.Name}}"]).trim()
+    );
+    let slot = slot_in(&replica);
     let primary = wait_until(LONG, "the swarm's primary running", || {
         stack.running("primary")
     });
