@@ -110,7 +110,7 @@ pub fn reconcile_digest(salt: &str, replication_user: &str, p: &Primary) -> Stri
         h.update(part.as_bytes());
         h.update([0]);
     }
-    format!("{:x}", h.finalize())
+    hex(&h.finalize())
 }
 
 /// What the last reconcile applied: a salt and the digest made with it.
@@ -143,10 +143,14 @@ impl State {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn new_salt() -> Result<String> {
     let mut bytes = [0u8; 16];
     getrandom_fill(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&bytes))
 }
 
 fn getrandom_fill(buf: &mut [u8]) -> Result<()> {

@@ -385,7 +385,8 @@ pub fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, (u32, String)> {
                 stack.push(e.path());
                 out.insert(e.path(), (meta.mode(), String::new()));
             } else {
-                let hash = format!("{:x}", Sha256::digest(std::fs::read(e.path()).unwrap()));
+                let digest = Sha256::digest(std::fs::read(e.path()).unwrap());
+                let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
                 out.insert(e.path(), (meta.mode(), hash));
             }
         }
