@@ -3,7 +3,7 @@
 //! contain one (the `Secret` type redacts itself).
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,23 +29,34 @@ impl Level {
     }
 }
 
-static FORMAT: OnceLock<Format> = OnceLock::new();
+static JSON: AtomicBool = AtomicBool::new(false);
 
-/// Chooses the format once, from the configuration; until then lines are text.
+/// Chooses the format; until it is chosen, lines are text.
 pub fn set_format(format: Format) {
-    let _ = FORMAT.set(format);
+    JSON.store(format == Format::Json, Ordering::Relaxed);
+}
+
+/// Takes PGENTRY_LOG_FORMAT from the environment before anything else runs, so that
+/// even an error in the rest of the configuration reaches a log shipper as JSON.
+pub fn set_format_from_env() {
+    if std::env::var_os("PGENTRY_LOG_FORMAT").is_some_and(|v| v == "json") {
+        set_format(Format::Json);
+    }
+}
+
+fn format() -> Format {
+    if JSON.load(Ordering::Relaxed) {
+        Format::Json
+    } else {
+        Format::Text
+    }
 }
 
 pub fn emit(level: Level, message: &str) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let line = render(
-        *FORMAT.get().unwrap_or(&Format::Text),
-        level,
-        now.as_millis(),
-        message,
-    );
+    let line = render(format(), level, now.as_millis(), message);
     // A closed stderr must not turn a log line into a failure of the entrypoint.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }

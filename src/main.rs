@@ -30,6 +30,7 @@ use cli::Command;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    log::set_format_from_env();
     let args: Result<Vec<String>, _> = std::env::args_os()
         .skip(1)
         .map(|a| a.into_string())

@@ -25,6 +25,7 @@ fn new_primary_serves_a_replica_and_restarts_without_setup() {
     let mut env = primary_env(&dir, "primary", "super pw", "repl pw");
     env.insert("PGENTRY_SLOTS".into(), "spare_1,spare_2".into());
     env.insert("POSTGRES_DB".into(), "app".into());
+    env.insert("PGENTRY_MONITORING_FUNCTION".into(), "true".into());
     let mut primary = start_primary(&env, "primary");
     let ep = ready(&env);
     assert!(primary.log().contains("running initdb"));
@@ -50,6 +51,11 @@ fn new_primary_serves_a_replica_and_restarts_without_setup() {
     wait_until(LONG, "rows to flow", || {
         rep.try_psql("SELECT count(*) FROM t").as_deref() == Ok("2")
     });
+    // The seed's monitoring function, now created by pgentry.
+    assert_eq!(
+        ep.psql("SELECT application_name, state FROM pg_replication_status()"),
+        "replica|streaming"
+    );
 
     // Restart with nothing changed: no initdb, no temporary server.
     primary.stop();

@@ -406,6 +406,18 @@ fn configuration_errors_are_one_clear_line() {
             assert!(!err.contains("panicked") && !err.contains("backtrace"));
         }
     }
+    // The JSON log format carries the same one line, as an object.
+    let mut env = base.clone();
+    env.insert("PGENTRY_LOG_FORMAT".into(), "json".into());
+    env.insert("PGPORT".into(), "0".into());
+    let out = pgentry_output(&env, &["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("{\"ts\":\"")
+            && err.contains("\"level\":\"error\"")
+            && err.trim_end().ends_with('}'),
+        "{err}"
+    );
     assert!(
         !std::path::Path::new(&base["PGDATA"]).exists(),
         "a config error must not create PGDATA"
