@@ -326,22 +326,28 @@ impl PlainPrimary {
     }
 }
 
-/// The environment of a pgentry replica of `primary`: PATH only from the outside.
+/// What every pgentry server in these tests has: its own PGDATA, port and socket
+/// directory in `dir`, the PostgreSQL binaries, no config file, PATH from outside.
+fn server_env(dir: &TempDir, name: &str) -> BTreeMap<String, String> {
+    let path = |p: String| dir.join(&p).to_string_lossy().into_owned();
+    BTreeMap::from([
+        ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+        ("PGDATA".into(), path(name.to_string())),
+        ("PGPORT".into(), free_port().to_string()),
+        ("PGENTRY_SOCKET_DIR".into(), path(format!("{name}-sock"))),
+        ("PGENTRY_PG_BIN".into(), PG_BIN.into()),
+        ("PGENTRY_CONFIG".into(), String::new()),
+    ])
+}
+
+/// The environment of a pgentry replica of the primary on `primary_port`.
 pub fn replica_env(
     dir: &TempDir,
     name: &str,
     primary_port: u16,
     password_file: &Path,
 ) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
-    env.insert("PGDATA".into(), dir.join(name).to_string_lossy().into());
-    env.insert("PGPORT".into(), free_port().to_string());
-    env.insert(
-        "PGENTRY_SOCKET_DIR".into(),
-        dir.join(&format!("{name}-sock")).to_string_lossy().into(),
-    );
-    env.insert("PGENTRY_PG_BIN".into(), PG_BIN.into());
+    let mut env = server_env(dir, name);
     env.insert("PGENTRY_PRIMARY_HOST".into(), "127.0.0.1".into());
     env.insert("PGENTRY_PRIMARY_PORT".into(), primary_port.to_string());
     env.insert("PGENTRY_SLOT".into(), name.replace('-', "_"));
@@ -349,7 +355,6 @@ pub fn replica_env(
         "PGENTRY_REPLICATION_PASSWORD_FILE".into(),
         password_file.to_string_lossy().into(),
     );
-    env.insert("PGENTRY_CONFIG".into(), String::new());
     env
 }
 
@@ -434,16 +439,10 @@ pub fn primary_env(
     superuser_pw: &str,
     replication_pw: &str,
 ) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
+    let mut env = server_env(dir, name);
+    let secret =
+        |file: String, content: &str| dir.secret(&file, content).to_string_lossy().into_owned();
     env.insert("PGENTRY_ROLE".into(), "primary".into());
-    env.insert("PGDATA".into(), dir.join(name).to_string_lossy().into());
-    env.insert("PGPORT".into(), free_port().to_string());
-    env.insert(
-        "PGENTRY_SOCKET_DIR".into(),
-        dir.join(&format!("{name}-sock")).to_string_lossy().into(),
-    );
-    env.insert("PGENTRY_PG_BIN".into(), PG_BIN.into());
     env.insert(
         "PGENTRY_INITDB_DIR".into(),
         dir.join(&format!("{name}-initdb.d"))
@@ -452,17 +451,12 @@ pub fn primary_env(
     );
     env.insert(
         "POSTGRES_PASSWORD_FILE".into(),
-        dir.secret(&format!("{name}-postgres-pw"), superuser_pw)
-            .to_string_lossy()
-            .into(),
+        secret(format!("{name}-postgres-pw"), superuser_pw),
     );
     env.insert(
         "PGENTRY_REPLICATION_PASSWORD_FILE".into(),
-        dir.secret(&format!("{name}-replication-pw"), replication_pw)
-            .to_string_lossy()
-            .into(),
+        secret(format!("{name}-replication-pw"), replication_pw),
     );
-    env.insert("PGENTRY_CONFIG".into(), String::new());
     env
 }
 
