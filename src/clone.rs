@@ -91,8 +91,7 @@ pub async fn clone(config: &Config, replica: &Replica, shutdown: &mut Shutdown) 
             },
             status = basebackup.wait() => break status?,
             s = shutdown.recv() => {
-                stop_group(pgid).await;
-                let _ = basebackup.wait().await;
+                stop_group(pgid, &mut basebackup).await;
                 return Err(Interrupted(s).into());
             }
         }
@@ -187,14 +186,17 @@ fn is_clone_into(cmdline: &[u8], target: &std::path::Path) -> bool {
     is_basebackup && writes_target
 }
 
-/// SIGTERM to pg_basebackup's process group, SIGKILL if it lingers.
-async fn stop_group(pgid: Pid) {
-    if pgid.as_raw() <= 0 {
-        return;
+/// SIGTERM to pg_basebackup's process group; SIGKILL to what is left of it once
+/// pg_basebackup has exited or 300 ms have passed (its WAL-streaming child included).
+async fn stop_group(pgid: Pid, basebackup: &mut tokio::process::Child) {
+    if pgid.as_raw() > 0 {
+        let _ = killpg(pgid, Signal::SIGTERM);
     }
-    let _ = killpg(pgid, Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = killpg(pgid, Signal::SIGKILL);
+    let _ = tokio::time::timeout(Duration::from_millis(300), basebackup.wait()).await;
+    if pgid.as_raw() > 0 {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let _ = basebackup.wait().await;
 }
 
 /// Turns pg_basebackup's `\r`-separated progress output into occasional log lines,

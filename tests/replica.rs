@@ -167,6 +167,27 @@ fn kill_9_of_pgentry_or_pg_basebackup_mid_clone_is_repaired_by_the_next_start() 
     let staging_base = pgdata.join(".pgentry-staging/data/base");
     let replica_ep = endpoint_of(&env);
 
+    // 0. SIGTERM mid-clone: pgentry ends promptly and takes pg_basebackup with it.
+    let mut replica = start_replica(&env, "sigterm-clone");
+    wait_until(LONG, "clone to begin", || staging_base.exists());
+    let start = Instant::now();
+    replica.signal(Signal::SIGTERM);
+    let status = replica
+        .wait_timeout(Duration::from_secs(10))
+        .expect("pgentry ends on SIGTERM");
+    eprintln!("SIGTERM ended the clone after {:?}", start.elapsed());
+    assert_eq!(status.code(), Some(143));
+    assert!(replica.log().contains("stopped by SIGTERM"));
+    let basebackups = || {
+        all_cmdlines()
+            .iter()
+            .filter(|c| c.contains("pg_basebackup") && c.contains(&*pgdata.to_string_lossy()))
+            .count()
+    };
+    wait_until(Duration::from_secs(10), "pg_basebackup to stop", || {
+        basebackups() == 0
+    });
+
     // 1. kill -9 of pgentry itself mid-clone.
     let mut replica = start_replica(&env, "kill-pgentry");
     wait_until(LONG, "clone to begin", || staging_base.exists());
@@ -182,13 +203,7 @@ fn kill_9_of_pgentry_or_pg_basebackup_mid_clone_is_repaired_by_the_next_start() 
         replica.log().contains("discarding an interrupted clone")
     });
     // No pg_basebackup of the killed pgentry survives the repair.
-    let leftovers = || {
-        all_cmdlines()
-            .iter()
-            .filter(|c| c.contains("pg_basebackup") && c.contains(&*pgdata.to_string_lossy()))
-            .count()
-    };
-    wait_until(LONG, "a single clone to run", || leftovers() <= 2);
+    wait_until(LONG, "a single clone to run", || basebackups() <= 2);
     wait_until(LONG, "clone to begin", || staging_base.exists());
     std::thread::sleep(Duration::from_millis(300));
     let basebackup = std::fs::read_dir("/proc")
