@@ -38,6 +38,20 @@ pub fn scrubbed_env(
         .collect()
 }
 
+/// Reaps every child that has already exited. pgentry may be PID 1 and so the parent
+/// of orphans (a WAL-streaming child of a killed pg_basebackup, a background job of
+/// an init script); once postgres has replaced pgentry it would reap them itself, and
+/// the non-zero exit of a child it does not know makes the postmaster restart every
+/// backend (docker-library/postgres#1349).
+fn reap_exited_children() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
 /// execve; returns only on failure.
 pub fn exec(program: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> anyhow::Error {
     let result: Result<()> = (|| {
@@ -70,6 +84,7 @@ pub fn exec_postgres(config: &crate::config::Config, extra: &[String]) -> anyhow
     let args = postgres_args(&config.pgdata, config.port, &config.socket_dir, extra);
     let secrets: Vec<&str> = crate::config::inline_secret_names().collect();
     let env = scrubbed_env(std::env::vars_os(), &secrets);
+    reap_exited_children();
     crate::info!(
         "starting postgres: {}",
         args.iter()
