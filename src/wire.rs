@@ -209,6 +209,18 @@ impl Connection {
     /// statement in it, in order. An error from any statement is returned after the
     /// server is ready again, so the connection stays usable.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, Error> {
+        self.query(sql, None).await
+    }
+
+    /// Runs a `COPY ... FROM STDIN` statement, sending `data` (text format, as
+    /// pg_dump writes it) when the server asks for it.
+    pub async fn copy_in(&mut self, sql: &str, data: &[u8]) -> Result<(), Error> {
+        self.query(sql, Some(data)).await.map(drop)
+    }
+
+    /// The simple query protocol; `copy_data` answers a CopyInResponse, and without
+    /// it a COPY FROM STDIN is failed rather than left waiting.
+    async fn query(&mut self, sql: &str, copy_data: Option<&[u8]>) -> Result<Vec<Row>, Error> {
         frontend::query(sql, &mut self.write)?;
         self.flush().await?;
         let mut rows = Vec::new();
@@ -227,7 +239,13 @@ impl Connection {
                 Message::ErrorResponse(body) => error = Some(server_error(body)?),
                 Message::ReadyForQuery(_) => break,
                 Message::CopyInResponse(_) => {
-                    frontend::copy_fail("pgentry does not send COPY data", &mut self.write)?;
+                    match copy_data {
+                        Some(data) => {
+                            frontend::CopyData::new(data)?.write(&mut self.write);
+                            frontend::copy_done(&mut self.write);
+                        }
+                        None => frontend::copy_fail("no COPY data given", &mut self.write)?,
+                    }
                     self.flush().await?;
                 }
                 _ => {}

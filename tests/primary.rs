@@ -166,6 +166,38 @@ fn init_scripts_run_once_and_a_failing_one_is_never_half_applied() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut gz, b"INSERT INTO runs VALUES (3);").unwrap();
     std::fs::write(scripts.join("03-zipped.sql.gz"), gz.finish().unwrap()).unwrap();
+    // A real pg_dump in its plain form: COPY ... FROM stdin with awkward data, and the
+    // \restrict meta-commands of current pg_dump versions.
+    let mut source = PlainPrimary::new("primary-scripts-source", "unused");
+    source.endpoint.psql(
+        "CREATE TABLE dumped (id int, note text); \
+         INSERT INTO dumped VALUES (1, E'tab\\there;semi'), (2, NULL), (3, E'back\\\\slash é'), (4, E'new\\nline'), (5, '\\.');",
+    );
+    let fingerprint =
+        "SELECT md5(string_agg(id || ':' || coalesce(note, 'NULL'), ',' ORDER BY id)) FROM dumped";
+    let expected = source.endpoint.psql(fingerprint);
+    let out = std::process::Command::new(format!("{PG_BIN}/pg_dump"))
+        .args([
+            "--no-owner",
+            "-t",
+            "dumped",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-h",
+        ])
+        .arg(&source.endpoint.socket_dir)
+        .args(["-p", &source.endpoint.port.to_string(), "-f"])
+        .arg(scripts.join("04-dump.sql"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    source.stop();
 
     let out = pgentry_output(&env, &["run"]);
     assert_eq!(out.status.code(), Some(1));
@@ -195,6 +227,7 @@ fn init_scripts_run_once_and_a_failing_one_is_never_half_applied() {
         ep.psql("SELECT count(*) FROM pg_database WHERE datname = 'other'"),
         "1"
     );
+    assert_eq!(ep.psql(fingerprint), expected);
     primary.stop();
     let mut primary = start_primary(&env, "scripts-restart");
     let ep = ready(&env);
