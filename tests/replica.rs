@@ -438,3 +438,27 @@ fn configuration_errors_are_one_clear_line() {
         "a config error must not create PGDATA"
     );
 }
+
+#[test]
+fn another_user_than_root_or_postgres_is_refused() {
+    if postgres_ids().is_none() {
+        eprintln!("SKIPPED: needs root to start pgentry as another user");
+        return;
+    }
+    let dir = TempDir::new("other-user");
+    let mut env = replica_env(
+        &dir,
+        "replica",
+        free_port(),
+        std::path::Path::new("/unused"),
+    );
+    env.remove("PGENTRY_REPLICATION_PASSWORD_FILE");
+    env.insert("PGENTRY_REPLICATION_PASSWORD".into(), "pw".into());
+    let out = std::os::unix::process::CommandExt::uid(&mut pgentry(&env, &["run"]), 65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not as uid 65534"), "{err}");
+    assert!(!std::path::Path::new(&env["PGDATA"]).exists());
+}
