@@ -33,7 +33,12 @@ pub fn managed_conf(p: &Primary) -> String {
          max_replication_slots = 10\n\
          hot_standby = on\n\
          wal_log_hints = on\n\
-         max_slot_wal_keep_size = {}\n",
+         max_slot_wal_keep_size = {}\n\
+         # A dead peer is noticed in 15 s, not 60: a cut-off replica turns unready\n\
+         # sooner, and the primary frees its slot for the reconnect. Replicas inherit\n\
+         # this file with their clone.\n\
+         wal_sender_timeout = '15s'\n\
+         wal_receiver_timeout = '15s'\n",
         crate::conninfo::quote_conf_string(&p.max_slot_wal_keep_size)
     )
 }
@@ -490,6 +495,8 @@ mod tests {
             "hot_standby = on",
             "wal_log_hints = on",
             "max_slot_wal_keep_size = '10GB'",
+            "wal_sender_timeout = '15s'",
+            "wal_receiver_timeout = '15s'",
         ] {
             assert!(conf.contains(line), "{line}");
         }
