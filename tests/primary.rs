@@ -176,26 +176,18 @@ fn init_scripts_run_once_and_a_failing_one_is_never_half_applied() {
     let fingerprint =
         "SELECT md5(string_agg(id || ':' || coalesce(note, 'NULL'), ',' ORDER BY id)) FROM dumped";
     let expected = source.endpoint.psql(fingerprint);
-    let out = std::process::Command::new(format!("{PG_BIN}/pg_dump"))
-        .args([
+    let dump = scripts.join("04-dump.sql");
+    source.endpoint.run_client(
+        "pg_dump",
+        &[
             "--no-owner",
             "-t",
             "dumped",
-            "-U",
-            "postgres",
             "-d",
             "postgres",
-            "-h",
-        ])
-        .arg(&source.endpoint.socket_dir)
-        .args(["-p", &source.endpoint.port.to_string(), "-f"])
-        .arg(scripts.join("04-dump.sql"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
+            "-f",
+            &dump.to_string_lossy(),
+        ],
     );
     source.stop();
 

@@ -150,17 +150,9 @@ fn rotated_password_and_new_slot_name_take_effect_on_restart() {
 #[test]
 fn kill_9_of_pgentry_or_pg_basebackup_mid_clone_is_repaired_by_the_next_start() {
     let mut primary = PlainPrimary::new("kill", "pw");
-    let out = std::process::Command::new(format!("{PG_BIN}/pgbench"))
-        .args(["-i", "-q", "-s", "30", "-U", "postgres", "-h"])
-        .arg(&primary.endpoint.socket_dir)
-        .args(["-p", &primary.endpoint.port.to_string(), "postgres"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pgbench: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    primary
+        .endpoint
+        .run_client("pgbench", &["-i", "-q", "-s", "30", "postgres"]);
     let secret = primary.dir.secret("repl_pw", "pw");
     let env = replica_env(&primary.dir, "replica", primary.endpoint.port, &secret);
     let pgdata = std::path::PathBuf::from(&env["PGDATA"]);

@@ -218,6 +218,23 @@ impl Endpoint {
         }
     }
 
+    /// Runs a PostgreSQL client tool (pgbench, pg_dump...) against this server as the
+    /// postgres superuser, over the socket; panics with its stderr if it fails.
+    pub fn run_client(&self, tool: &str, args: &[&str]) {
+        let out = Command::new(format!("{PG_BIN}/{tool}"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn psql(&self, sql: &str) -> String {
         self.try_psql(sql)
             .unwrap_or_else(|e| panic!("psql failed: {e}\nSQL: {sql}"))
